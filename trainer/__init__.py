@@ -1,0 +1,1 @@
+"""Distributed SimCLR pretraining: config, model, loss, optimizer, loop, checkpoints and evaluation."""
