@@ -1,0 +1,64 @@
+"""Two-view loader over an in-memory uint8 image tensor (digits, synthetic): sharded by DistributedSampler, crops batched."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from data.augment import random_resized_crop_flip
+
+
+class _Sized:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def split_indices(count: int, valid_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, valid) index tensors: a seeded permutation, the first round(count * valid_fraction) held out."""
+    perm = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    n_valid = int(round(count * valid_fraction))
+    return perm[n_valid:].sort().values, perm[:n_valid].sort().values
+
+
+class MemoryTwoViewLoader:
+    """Yields (view1, view2) uint8 [batch_size, 3, S, S] after random-resized-crop + flip, for this rank's shard.
+
+    The order of epoch e is DistributedSampler(shuffle, seed, drop_last) with set_epoch(e); the crops of step k
+    come from a generator seeded with (seed, rank, epoch, k): a pure function of the position, so a resumed run
+    sees exactly the batches an uninterrupted one would. batch_size is per rank.
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, indices: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                 scale: tuple[float, float] = (0.08, 1.0)):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.indices = torch.arange(images.shape[0]) if indices is None else torch.as_tensor(indices)
+        self.batch_size, self.image_size = batch_size, image_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.device, self.scale = torch.device(device), scale
+        self.sampler = DistributedSampler(_Sized(len(self.indices)), num_replicas=world_size, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.indices)} images cannot fill one batch of {batch_size} per rank "
+                             f"on {world_size} ranks: lower batch_size")
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(epoch)
+        order = torch.as_tensor(list(self.sampler))
+        for step in range(start_step, self.steps_per_epoch):
+            chosen = self.indices[order[step * self.batch_size:(step + 1) * self.batch_size]]
+            batch = self.images[chosen].to(self.device, non_blocking=True)
+            g = torch.Generator(device=batch.device)
+            g.manual_seed(hash((self.seed, self.rank, epoch, step)) & 0x7FFF_FFFF_FFFF)
+            yield (random_resized_crop_flip(batch, self.image_size, generator=g, scale=self.scale),
+                   random_resized_crop_flip(batch, self.image_size, generator=g, scale=self.scale))

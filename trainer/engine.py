@@ -1,0 +1,272 @@
+"""The SimCLR training run: build data, model, loss, optimizer and schedule, resume, loop, checkpoint, evaluate."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer import checkpoint, distributed
+from trainer.config import Config, save_config
+from trainer.distributed import DistContext
+from trainer.inputs import build_pretrain_data
+from trainer.loss import NTXentLoss
+from trainer.metrics import IntervalTimer, RunLogger
+from trainer.model import build_model, sync_batchnorm_groups
+from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; no checkpoint was written after it."""
+
+
+class Preempted(SystemExit):
+    """A stop signal arrived; a checkpoint was written. Exits with a code that torchrun/SLURM restart."""
+
+    def __init__(self):
+        super().__init__(PREEMPTED_EXIT_CODE)
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done (global, the schedule's position)
+    epoch: int = 0  # current epoch
+    step_in_epoch: int = 0  # batches of `epoch` already consumed
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on CUDA devices that support it, else off (CPU autocast is slower than fp32 here)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def train_step(model: nn.Module, loss_fn: NTXentLoss, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, x1: torch.Tensor, x2: torch.Tensor,
+               amp_dtype: torch.dtype | None, grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on this rank's two augmented views; returns (loss, top1) detached, no host sync."""
+    device_type = x1.device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        z = model(torch.cat([x1, x2]))  # one forward: BatchNorm sees both views together
+    loss, top1 = loss_fn(*z.float().chunk(2), return_accuracy=True)  # fp32 logits
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # DDP all-reduces (averages) gradients here
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), top1
+
+
+# ============================================================================= model
+def build_network(cfg: Config, ctx: DistContext, log: RunLogger) -> tuple[nn.Module, nn.Module]:
+    """(model_without_ddp, model used for training); identical init on every rank (seeded, then DDP broadcast)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    if cfg.fine_tune_from:
+        try:
+            weights = checkpoint.load_backbone_weights(cfg.fine_tune_from)
+            model.backbone.load_state_dict(weights)
+            log.info(f"fine_tune_from={cfg.fine_tune_from}: backbone weights loaded")
+        except FileNotFoundError as err:  # the seed's behaviour: say so and train from scratch
+            log.warn(f"{err}; training the backbone from scratch")
+    cuda = ctx.device.type == "cuda"
+    if cuda and cfg.model.sync_bn and ctx.world_size > 1:
+        groups = sync_batchnorm_groups(ctx.world_size, cfg.model.sync_bn_group_size)
+        handles = [torch.distributed.new_group(ranks) for ranks in groups]  # every rank creates every group
+        mine = next(h for h, ranks in zip(handles, groups) if ctx.rank in ranks)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=mine)
+    elif cfg.model.sync_bn and ctx.world_size > 1:
+        log.info("SyncBatchNorm needs CUDA: on CPU each rank normalizes with its own batch statistics")
+    model.to(ctx.device)
+    if cuda and cfg.model.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ddp = DDP(model, device_ids=[ctx.device.index] if cuda else None, broadcast_buffers=False)
+    return model, (torch.compile(ddp) if cfg.compile else ddp)
+
+
+def training_state(model, optimizer, scaler, progress: Progress, cfg: Config, world_size: int) -> dict:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "step": progress.step, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
+             "rng_cpu": torch.get_rng_state(), "world_size": world_size, "config": cfg.to_dict()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore(state: dict, model, optimizer, scaler) -> Progress:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return Progress(state["step"], state["epoch"], state["step_in_epoch"])
+
+
+# ============================================================================= run
+def run(cfg: Config, ctx: DistContext) -> dict:
+    """Pretrains (resuming from output_dir when it holds checkpoints); returns the final metrics."""
+    log = RunLogger(cfg.output_dir, enabled=ctx.is_main)
+    try:
+        return _run(cfg, ctx, log)
+    finally:
+        log.close()
+
+
+def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
+    if ctx.is_main:
+        save_config(cfg, f"{cfg.output_dir}/config.yaml")
+    # ---------------------------------------------------------------- data
+    data = build_pretrain_data(cfg, ctx)
+    steps_per_epoch = data.train.steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    warmup_steps = min(total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch))
+    # ---------------------------------------------------------------- model, loss, optimizer
+    model, train_model = build_network(cfg, ctx, log)
+    initial_backbone = copy.deepcopy(model.backbone) if cfg.eval.final_probe and data.labeled else None
+    loss_fn = NTXentLoss(cfg.loss.temperature, cfg.loss.use_cosine_similarity)
+    peak_lr = cfg.optim.peak_lr(cfg.batch_size)
+    optimizer = build_optimizer(model, cfg.optim, peak_lr)
+    amp_dtype = resolve_amp(cfg.amp, ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    # ---------------------------------------------------------------- resume
+    progress = Progress()
+    state, path = checkpoint.load_latest(cfg.output_dir, map_location=ctx.device)
+    if state is not None:
+        if state.get("world_size") != ctx.world_size:
+            log.warn(f"resuming a run of world size {state.get('world_size')} on {ctx.world_size} ranks: "
+                     "the data order from here on differs from an uninterrupted run")
+        progress = restore(state, model, optimizer, scaler)
+        log.info(f"resumed from {path} at step {progress.step} (epoch {progress.epoch})")
+        if initial_backbone is not None:  # the random-init reference is the seeded init, rebuilt
+            torch.manual_seed(cfg.seed)
+            initial_backbone = build_model(cfg.model).backbone.to(ctx.device)
+    del state
+    log.info(f"world size {ctx.world_size} ({ctx.backend}), device {ctx.device}, global batch {cfg.batch_size} "
+             f"({cfg.batch_size // ctx.world_size}/rank), {steps_per_epoch} steps/epoch, {stop_step} steps, "
+             f"peak lr {peak_lr:.4g}, amp {amp_dtype}")
+    # ---------------------------------------------------------------- loop
+    watch = PreemptionWatch(ctx.world_size).install()
+    try:
+        _loop(cfg, ctx, log, data, model, train_model, loss_fn, optimizer, scaler, amp_dtype, progress,
+              steps_per_epoch, stop_step, total_steps, warmup_steps, peak_lr, watch)
+    finally:
+        watch.uninstall()
+    # ---------------------------------------------------------------- final evaluation
+    results = {"step": progress.step}
+    if initial_backbone is not None:
+        from trainer.monitor import probe_rows
+        results.update(probe_rows(model.backbone, initial_backbone, data.labeled, ctx.device,
+                                  cfg.eval.knn_k, cfg.eval.knn_temperature, cfg.seed))
+        if ctx.is_main:
+            _print_probe(log, results)
+        log.log(progress.step, {f"{name}/{k}": v for name, row in results.items() if isinstance(row, dict)
+                                for k, v in row.items()}, kind="final")
+    return results
+
+
+def _loop(cfg, ctx, log, data, model, train_model, loss_fn, optimizer, scaler, amp_dtype, progress,
+          steps_per_epoch, stop_step, total_steps, warmup_steps, peak_lr, watch) -> None:
+    device = ctx.device
+    sums = torch.zeros(3, device=device)  # loss, top1, non-finite count over the interval (no host sync)
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    timer = IntervalTimer()
+    aug_gen = torch.Generator(device=device)
+    train_model.train()
+    while progress.step < stop_step:
+        epoch_start = time.perf_counter()
+        batches = data.train.batches(progress.epoch, progress.step_in_epoch)
+        while progress.step < stop_step and progress.step_in_epoch < steps_per_epoch:
+            wait_start = time.perf_counter()
+            v1, v2 = next(batches)
+            timer.data_wait_s += time.perf_counter() - wait_start
+            aug_gen.manual_seed(hash((cfg.seed, ctx.rank, progress.step)) & 0x7FFF_FFFF_FFFF)
+            x1 = data.augment(v1.to(device, non_blocking=True), generator=aug_gen)
+            x2 = data.augment(v2.to(device, non_blocking=True), generator=aug_gen)
+            if device.type == "cuda" and cfg.model.channels_last:
+                x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+            lr = lr_at(progress.step, total_steps, warmup_steps, peak_lr, cfg.optim.final_lr)
+            set_lr(optimizer, lr)
+            loss, top1 = train_step(train_model, loss_fn, optimizer, scaler, x1, x2, amp_dtype, cfg.optim.grad_clip)
+            bad = ~torch.isfinite(loss)
+            first_bad_step = torch.where(bad & (first_bad_step < 0), progress.step, first_bad_step)
+            sums += torch.stack([torch.nan_to_num(loss), top1, bad.float()])
+            progress.step += 1
+            progress.step_in_epoch += 1
+            timer.steps += 1
+            interval_end = progress.step % cfg.log_every_n_steps == 0 or progress.step == stop_step
+            if interval_end:
+                _log_interval(cfg, ctx, log, progress, sums, first_bad_step, timer, lr, steps_per_epoch)
+                sums.zero_()
+                timer.reset()
+            epoch_done = progress.step_in_epoch == steps_per_epoch
+            if epoch_done:
+                progress.epoch += 1
+                progress.step_in_epoch = 0
+            periodic = cfg.checkpoint_every_n_steps and progress.step % cfg.checkpoint_every_n_steps == 0
+            stop_now = watch.should_stop()
+            if epoch_done or periodic or stop_now or progress.step == stop_step:
+                _check_finite(sums, first_bad_step)  # never overwrite a checkpoint with diverged weights
+                if ctx.is_main:
+                    checkpoint.save(training_state(model, optimizer, scaler, progress, cfg, ctx.world_size),
+                                    cfg.output_dir, progress.step, cfg.keep_checkpoints)
+            if stop_now:
+                log.info(f"{watch.signal_name or 'stop signal'} received: checkpoint at step {progress.step} "
+                         f"written; exiting with code {PREEMPTED_EXIT_CODE} so the launcher restarts")
+                torch.distributed.barrier()
+                raise Preempted()
+            if epoch_done:
+                _end_of_epoch(cfg, ctx, log, data, model, loss_fn, amp_dtype, progress, epoch_start)
+                break
+
+
+def _check_finite(sums: torch.Tensor, first_bad_step: torch.Tensor) -> None:
+    bad = distributed.all_reduce_max(first_bad_step.clone()).item()  # host sync: at intervals only
+    if bad >= 0 or distributed.all_reduce_max(sums[2:3].clone()).item() > 0:
+        raise NonFiniteLossError(f"the loss became non-finite at step {bad}: lower optim.base_lr, enable "
+                                 "optim.grad_clip or use amp=bf16; the last checkpoint was left as it was")
+
+
+def _log_interval(cfg, ctx, log, progress, sums, first_bad_step, timer, lr, steps_per_epoch) -> None:
+    _check_finite(sums, first_bad_step)
+    mean = distributed.all_reduce_mean(sums[:2] / max(timer.steps, 1)).tolist()  # host sync: log interval
+    elapsed = timer.elapsed()
+    img_per_s = timer.steps * cfg.batch_size / elapsed  # images, not views (each image gives two views)
+    scalars = {"loss": mean[0], "contrastive_top1": mean[1], "lr": lr, "img_per_s": img_per_s,
+               "step_time_s": elapsed / timer.steps, "data_wait_frac": timer.data_wait_s / elapsed,
+               "epoch": progress.epoch + progress.step_in_epoch / steps_per_epoch}
+    if ctx.device.type == "cuda":
+        scalars["peak_mem_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+    log.log(progress.step, scalars, console=(
+        f"step {progress.step:>7d}  ep {scalars['epoch']:6.2f}  loss {mean[0]:.4f}  top1 {mean[1]:.3f}  "
+        f"lr {lr:.4g}  {img_per_s:8.1f} img/s  {scalars['step_time_s'] * 1e3:7.1f} ms/step  "
+        f"data {scalars['data_wait_frac']:.0%}"))
+
+
+def _end_of_epoch(cfg, ctx, log, data, model, loss_fn, amp_dtype, progress, epoch_start) -> None:
+    scalars = {"epoch_time_s": time.perf_counter() - epoch_start}
+    if progress.epoch % cfg.eval_every_n_epochs == 0:
+        from trainer.monitor import backbone_knn, validation_loss
+        if data.valid is not None:
+            scalars["valid_loss"], scalars["valid_top1"] = validation_loss(
+                model, data.valid, data.augment, loss_fn, ctx.device, amp_dtype, cfg.seed, progress.epoch)
+        if cfg.eval.knn_monitor and data.labeled is not None:
+            scalars["knn_top1"] = backbone_knn(model.backbone, data.labeled, ctx.device, cfg.eval.knn_k,
+                                               cfg.eval.knn_temperature)["top1"]
+    log.log(progress.step, scalars, kind="epoch", console=f"epoch {progress.epoch} done: " + "  ".join(
+        f"{k} {v:.4f}" for k, v in scalars.items()))
+    log.flush()
+
+
+def _print_probe(log: RunLogger, results: dict) -> None:
+    log.info("held-out test split, top-1    linear probe      kNN")
+    for name in ("simclr", "random_init"):
+        row = results[name]
+        log.info(f"  {name + ' backbone':<28s} {row['linear_top1']:>12.1%} {row['knn_top1']:>8.1%}")

@@ -1,0 +1,74 @@
+"""Run logging on rank 0: one console line and one JSONL record per interval, TensorBoard scalars; timers."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+class RunLogger:
+    """Writes `metrics.jsonl`, TensorBoard events (tb/) and console lines; a no-op on ranks other than 0."""
+
+    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out / "tb"))
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def warn(self, message: str) -> None:
+        if self.enabled:
+            print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+    def log(self, step: int, scalars: dict, kind: str = "train", console: str | None = None) -> None:
+        """One record: JSONL line, TensorBoard scalars under `kind/`, and a console line."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3),
+                  **{k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in scalars.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in scalars.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+        if console is not None:
+            print(console, flush=True)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        self.writer = self.jsonl = None
+
+
+class IntervalTimer:
+    """Wall time of a log interval split into waiting for data and the rest (compute + communication)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait_s = 0.0
+        self.steps = 0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,63 @@
+"""SimCLR network: torchvision ResNet backbone (fc removed, optional small-image stem) and projection head."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from trainer.config import ModelConfig
+
+
+def build_backbone(base_model: str, small_stem: bool = False) -> tuple[nn.Module, int]:
+    """A randomly initialized torchvision ResNet with fc = Identity; returns (backbone, feature_dim).
+
+    small_stem: 3x3 stride-1 first conv and no max-pool (CIFAR/STL10-size images), as in the SimCLR paper.
+    """
+    constructor = getattr(torchvision.models, base_model, None)
+    if constructor is None or not base_model.startswith("resnet"):
+        raise ValueError(f"base_model={base_model!r}: not a torchvision ResNet")
+    net = constructor(weights=None)
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+class ProjectionHead(nn.Sequential):
+    """(Linear -> BN -> ReLU) x (layers - 1), then Linear to out_dim; hidden width = the backbone's feature size."""
+
+    def __init__(self, in_dim: int, out_dim: int, layers: int = 2):
+        blocks: list[nn.Module] = []
+        for _ in range(layers - 1):
+            blocks += [nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True)]
+        blocks.append(nn.Linear(in_dim, out_dim))
+        super().__init__(*blocks)
+
+
+class SimCLRModel(nn.Module):
+    """backbone(x) -> h (the representation evaluated downstream) -> head(h) -> z (fed to NT-Xent)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, feature_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.feature_dim = feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def build_model(cfg: ModelConfig) -> SimCLRModel:
+    backbone, feature_dim = build_backbone(cfg.base_model, cfg.small_stem)
+    return SimCLRModel(backbone, ProjectionHead(feature_dim, cfg.out_dim, cfg.head_layers), feature_dim)
+
+
+def sync_batchnorm_groups(world_size: int, group_size: int) -> list[list[int]]:
+    """Ranks that share BN statistics: consecutive blocks of group_size ranks (0 or >= world: one group)."""
+    if group_size <= 0 or group_size >= world_size:
+        return [list(range(world_size))]
+    if world_size % group_size:
+        raise ValueError(f"model.sync_bn_group_size={group_size} does not divide the world size {world_size}")
+    return [list(range(start, start + group_size)) for start in range(0, world_size, group_size)]
