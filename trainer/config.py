@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -11,6 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false (so `amp: off` stays the string 'off'); 1e-6 reads as a float."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "tTfF":
+    _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                        [_first])
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"), list("-+.0123456789"))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class ConfigError(ValueError):
@@ -284,7 +303,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = tree
@@ -305,7 +324,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if not path.is_file():
             raise ConfigError(f"config file {path}: not found")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _yaml_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path}: not valid YAML ({err})") from None
         if loaded is not None and not isinstance(loaded, dict):

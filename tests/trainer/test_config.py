@@ -1,0 +1,94 @@
+"""Config: defaults, YAML and dotted overrides, the seed's block, and errors that name the key or file."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import Config, ConfigError, load_config, parse_overrides, save_config
+
+SEED_CONFIG = Path(__file__).parents[1] / "fixtures" / "seed_config.yaml"
+
+
+def test_seed_block_loads_as_is_and_each_key_lands():
+    cfg = load_config(SEED_CONFIG)
+    assert cfg.batch_size == 512 and cfg.epochs == 40 and cfg.eval_every_n_epochs == 1
+    assert cfg.fine_tune_from == "Mar13_20-12-09_thallessilva" and cfg.log_every_n_steps == 50
+    assert cfg.model.out_dim == 256 and cfg.model.base_model == "resnet18"
+    assert cfg.dataset.s == 1.0 and cfg.dataset.input_shape == (96, 96, 3) and cfg.dataset.image_size == 96
+    assert cfg.dataset.num_workers == 0 and cfg.dataset.valid_size == 0.05
+    assert cfg.loss.temperature == 0.5 and cfg.loss.use_cosine_similarity is True
+
+
+def test_seed_keys_work_as_overrides():
+    cfg = load_config(SEED_CONFIG, ["epochs=1", "batch_size=64", "loss.temperature=0.2", "output_dir=runs/x",
+                                    "dataset.input_shape=(32,32,3)", "loss.use_cosine_similarity=false"])
+    assert (cfg.epochs, cfg.batch_size, cfg.loss.temperature, cfg.output_dir) == (1, 64, 0.2, "runs/x")
+    assert cfg.dataset.input_shape == (32, 32, 3) and cfg.loss.use_cosine_similarity is False
+    assert cfg.model.out_dim == 256  # the file's value survives other overrides
+
+
+def test_override_precedence_over_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  base_lr: 0.5\n  name: sgd\n")
+    cfg = load_config(path, ["optim.base_lr=0.1"])
+    assert cfg.optim.base_lr == 0.1 and cfg.optim.name == "sgd" and cfg.optim.momentum == Config().optim.momentum
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["learning_rate=0.1"], "learning_rate"),
+    (["optim.base_lr_typo=0.1"], "optim.base_lr_typo"),
+    (["loss.temperature=hot"], "loss.temperature"),
+    (["epochs=1.5"], "epochs"),
+    (["model.sync_bn=maybe"], "model.sync_bn"),
+    (["loss.temperature=0"], "loss.temperature"),
+    (["dataset.input_shape=(96,3)"], "dataset.input_shape"),
+    (["amp=fp8"], "amp"),
+    (["optim.name=rmsprop"], "optim.name"),
+    (["model=resnet18"], "model"),
+    (["batch_size"], "batch_size"),
+])
+def test_bad_values_name_the_key(overrides, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("(", r"\(")):
+        load_config(None, overrides)
+
+
+def test_batch_not_divisible_by_world_size():
+    cfg = load_config(None, ["batch_size=10"])
+    cfg.validate(world_size=2)
+    with pytest.raises(ConfigError, match="batch_size=10.*world size 4"):
+        cfg.validate(world_size=4)
+
+
+def test_missing_data_path_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    cfg = load_config(None, ["dataset.name=stl10", "dataset.loader=torchvision", f"dataset.path={missing}"])
+    with pytest.raises(ConfigError, match="dataset.path=.*nowhere"):
+        cfg.validate(world_size=1)
+    with pytest.raises(ConfigError, match="dataset.path"):
+        load_config(None, ["dataset.name=cifar10", "dataset.loader=torchvision"]).validate(1)
+
+
+def test_missing_and_broken_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="absent.yaml"):
+        load_config(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(broken)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["optim.base_lr=0.05", "dataset.input_shape=(64,64,3)"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["base_lr"] == 0.05
+
+
+def test_parse_overrides_types():
+    assert parse_overrides(["a.b=1", "a.c=true", "d=1e-3", "e=runs/x"]) == {
+        "a": {"b": 1, "c": True}, "d": 1e-3, "e": "runs/x"}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    load_config(Path(__file__).parents[2] / "configs" / name)
