@@ -1,0 +1,72 @@
+"""Checkpoints: atomic keep-last-k, fallback past a torn file, weights_only loading, torchvision-loadable export."""
+import pytest
+import torch
+import torchvision
+
+from trainer import checkpoint
+from trainer.config import ModelConfig
+from trainer.export import export_backbone
+from trainer.model import build_model
+
+
+def _state(step):
+    return {"model": {"backbone.w": torch.full((2,), float(step))}, "step": step}
+
+
+def test_keeps_last_k_and_loads_newest(tmp_path):
+    for step in (10, 20, 30, 40):
+        checkpoint.save(_state(step), tmp_path, step, keep=2)
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == ["ckpt_000000030.pt", "ckpt_000000040.pt"]
+    state, path = checkpoint.load_latest(tmp_path)
+    assert state["step"] == 40 and path.name == names[-1]
+    assert not list((tmp_path / "checkpoints").glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_truncated_latest_falls_back_to_previous_with_warning(tmp_path):
+    for step in (1, 2):
+        checkpoint.save(_state(step), tmp_path, step, keep=3)
+    newest = checkpoint.list_checkpoints(tmp_path)[-1]
+    newest.write_bytes(newest.read_bytes()[:50])
+    with pytest.warns(UserWarning, match="ckpt_000000002.pt"):
+        state, path = checkpoint.load_latest(tmp_path)
+    assert state["step"] == 1 and path.name == "ckpt_000000001.pt"
+
+
+def test_failed_write_leaves_previous_file_intact(tmp_path):
+    target = tmp_path / "x.pt"
+    checkpoint.atomic_save({"a": torch.ones(1)}, target)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        checkpoint.atomic_save({"a": Unpicklable()}, target)
+    assert torch.load(target, weights_only=True)["a"].item() == 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+@pytest.mark.parametrize("base_model", ["resnet18", "resnet50"])
+def test_export_loads_into_torchvision_resnet(tmp_path, base_model):
+    model = build_model(ModelConfig(base_model=base_model, out_dim=16))
+    checkpoint.save({"model": model.state_dict(), "step": 5}, tmp_path / "run", 5, keep=1)
+    export_backbone(str(tmp_path / "run"), str(tmp_path / "backbone.pt"))
+    weights = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    net = getattr(torchvision.models, base_model)()
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    torch.testing.assert_close(net.conv1.weight, model.backbone.conv1.weight)
+    net.fc = torch.nn.Identity()
+    net.eval(), model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(net(x), model.backbone(x))
+
+
+def test_fine_tune_source_resolution(tmp_path):
+    model = build_model(ModelConfig(out_dim=8))
+    checkpoint.save({"model": model.state_dict(), "step": 1}, tmp_path, 1, keep=1)
+    weights = checkpoint.load_backbone_weights(str(tmp_path))
+    assert set(weights) == set(model.backbone.state_dict())
+    with pytest.raises(FileNotFoundError, match="fine_tune_from=nope"):
+        checkpoint.load_backbone_weights("nope")

@@ -1,0 +1,37 @@
+"""Model: backbone without fc, small-image stem, projection head shape, SyncBN group layout."""
+import pytest
+import torch
+import torch.nn as nn
+
+from trainer.config import ModelConfig
+from trainer.model import build_model, sync_batchnorm_groups
+
+
+@pytest.mark.parametrize("base_model,feature_dim", [("resnet18", 512), ("resnet50", 2048)])
+def test_backbone_features_and_head(base_model, feature_dim):
+    model = build_model(ModelConfig(base_model=base_model, out_dim=32, head_layers=3))
+    x = torch.randn(4, 3, 32, 32)
+    assert model.backbone(x).shape == (4, feature_dim) and model.feature_dim == feature_dim
+    assert model(x).shape == (4, 32)
+    linears = [m for m in model.head if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linears] == [feature_dim, feature_dim, 32]
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in model.head) == 2
+    assert not any(name.startswith("backbone.fc.") for name, _ in model.named_parameters())
+
+
+def test_small_stem_keeps_resolution():
+    small = build_model(ModelConfig(small_stem=True)).backbone
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, nn.Identity)
+    feats = {}
+    small.layer4.register_forward_hook(lambda m, i, o: feats.setdefault("small", o.shape))
+    small(torch.randn(1, 3, 32, 32))
+    assert feats["small"][-1] == 4  # 32 / 8: only the three stride-2 stages downsample
+
+
+def test_sync_bn_groups():
+    assert sync_batchnorm_groups(8, 0) == [list(range(8))]
+    assert sync_batchnorm_groups(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sync_batchnorm_groups(4, 8) == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="sync_bn_group_size=3"):
+        sync_batchnorm_groups(8, 3)
