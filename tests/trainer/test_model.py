@@ -24,7 +24,10 @@ def test_small_stem_keeps_resolution():
     assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
     assert isinstance(small.maxpool, nn.Identity)
     feats = {}
-    small.layer4.register_forward_hook(lambda m, i, o: feats.setdefault("small", o.shape))
+    def record(module, inputs, output):
+        feats["small"] = output.shape
+
+    small.layer4.register_forward_hook(record)
     small(torch.randn(1, 3, 32, 32))
     assert feats["small"][-1] == 4  # 32 / 8: only the three stride-2 stages downsample
 
