@@ -62,7 +62,7 @@ def build_network(cfg: Config, ctx: DistContext, log: RunLogger) -> tuple[nn.Mod
     model.to(ctx.device)
     if cuda and cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
-    ddp = DDP(model, device_ids=[ctx.device.index] if cuda else None, broadcast_buffers=False)
+    ddp = DDP(model, device_ids=[ctx.device.index] if cuda else None)
     return model, (torch.compile(ddp) if cfg.compile else ddp)
 
 

@@ -1,0 +1,77 @@
+"""Whole runs through the entry point: exact resume, non-finite loss, and torchrun with 2 processes end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint
+from trainer.main import main
+
+REPO = Path(__file__).parents[2]
+TINY = ["--config", str(REPO / "configs/quickstart.yaml"), "dataset.name=synthetic", "dataset.synthetic_size=96", "dataset.input_shape=(16,16,3)",
+        "model.small_stem=true", "model.out_dim=16", "batch_size=16", "epochs=2", "log_every_n_steps=2",
+        "eval.final_probe=false", "eval.knn_monitor=false", "amp=off", "optim.warmup_epochs=1"]
+
+
+def final_state(output_dir):
+    state, _ = checkpoint.load_latest(output_dir)
+    return state
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*TINY, f"output_dir={straight}"]) == 0
+    total = final_state(straight)["step"]
+    assert total >= 6
+    assert main([*TINY, f"output_dir={split}", f"max_steps={total // 2 + 1}"]) == 0  # stops mid-epoch
+    assert final_state(split)["step"] == total // 2 + 1
+    assert main([*TINY, f"output_dir={split}"]) == 0  # the same command again resumes
+    a, b = final_state(straight), final_state(split)
+    assert a["step"] == b["step"] == total
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    lines = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "train" and "loss" in r for r in lines)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    sgd = ["optim.name=sgd", "optim.warmup_epochs=0"]
+    assert main([*TINY, *sgd, f"output_dir={out}", "max_steps=2", "optim.base_lr=0.01"]) == 0
+    before = {p.name: p.read_bytes() for p in checkpoint.list_checkpoints(out)}
+    code = main([*TINY, *sgd, f"output_dir={out}", "optim.base_lr=1e30", "log_every_n_steps=1",
+                 "checkpoint_every_n_steps=1"])
+    assert code == 3
+    assert "non-finite at step" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in checkpoint.list_checkpoints(out)} == before
+
+
+def test_config_error_exits_before_anything_starts(tmp_path, capsys):
+    assert main([f"output_dir={tmp_path / 'x'}", "batch_size=7", "loss.temperture=1"]) == 2
+    assert "loss.temperture" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_torchrun_two_processes_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.main",
+           "--config", "configs/quickstart.yaml", f"output_dir={out}", "max_steps=4", "batch_size=32",
+           "log_every_n_steps=2", "dataset.input_shape=(16,16,3)", "eval.final_probe=false"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
+    state = torch.load(checkpoint.list_checkpoints(out)[-1], weights_only=True)
+    assert state["step"] == 4 and state["world_size"] == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [2, 4] and all(e.value > 0 for e in losses)
+    assert (out / "config.yaml").is_file()
