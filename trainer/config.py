@@ -174,6 +174,8 @@ class Config:
     compile: bool = False  # torch.compile the model (CUDA)
     dist_timeout_s: int = 1800  # collective timeout: a dead or hung rank ends the job after this
     device: str = "auto"  # auto (CUDA when available) | cuda | cpu
+    step_mode: str = "direct"  # direct | cached (embedding-gradient caching) | checkpoint (activation checkpointing)
+    cached_chunk_size: int = 0  # views per chunk in step_mode=cached (0: chosen from free device memory)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -190,6 +192,10 @@ class Config:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"amp={self.amp!r}: choose auto, bf16, fp16 or off")
+        if self.step_mode not in ("direct", "cached", "checkpoint"):
+            raise ConfigError(f"step_mode={self.step_mode!r}: choose direct, cached or checkpoint")
+        if self.cached_chunk_size < 0:
+            raise ConfigError(f"cached_chunk_size={self.cached_chunk_size}: must be >= 0 (0: automatic)")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device={self.device!r}: choose auto, cuda or cpu")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 
@@ -15,7 +16,8 @@ from trainer.distributed import DistContext
 from trainer.inputs import build_pretrain_data
 from trainer.loss import NTXentLoss
 from trainer.metrics import IntervalTimer, RunLogger
-from trainer.model import build_model, sync_batchnorm_groups
+from trainer.cached_step import cached_train_step, choose_chunk_size
+from trainer.model import build_model, enable_activation_checkpointing, sync_batchnorm_groups
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch
 from trainer.step import resolve_amp, train_step
@@ -51,6 +53,8 @@ def build_network(cfg: Config, ctx: DistContext, log: RunLogger) -> tuple[nn.Mod
             log.info(f"fine_tune_from={cfg.fine_tune_from}: backbone weights loaded")
         except FileNotFoundError as err:  # the seed's behaviour: say so and train from scratch
             log.warn(f"{err}; training the backbone from scratch")
+    if cfg.step_mode == "checkpoint":
+        enable_activation_checkpointing(model.backbone)
     cuda = ctx.device.type == "cuda"
     if cuda and cfg.model.sync_bn and ctx.world_size > 1:
         groups = sync_batchnorm_groups(ctx.world_size, cfg.model.sync_bn_group_size)
@@ -125,13 +129,19 @@ def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
             torch.manual_seed(cfg.seed)
             initial_backbone = build_model(cfg.model).backbone.to(ctx.device)
     del state
+    step_fn = train_step
+    if cfg.step_mode == "cached":
+        chunk = choose_chunk_size(cfg.cached_chunk_size, train_model, 2 * cfg.batch_size // ctx.world_size,
+                                  cfg.dataset.image_size, ctx.device, amp_dtype)
+        step_fn = functools.partial(cached_train_step, chunk_size=chunk)
+        log.info(f"step_mode=cached: {chunk} views per chunk")
     log.info(f"world size {ctx.world_size} ({ctx.backend}), device {ctx.device}, global batch {cfg.batch_size} "
              f"({cfg.batch_size // ctx.world_size}/rank), {steps_per_epoch} steps/epoch, {stop_step} steps, "
              f"peak lr {peak_lr:.4g}, amp {amp_dtype}")
     # ---------------------------------------------------------------- loop
     watch = PreemptionWatch(ctx.world_size).install()
     try:
-        _loop(cfg, ctx, log, data, model, train_model, loss_fn, optimizer, scaler, amp_dtype, progress,
+        _loop(cfg, ctx, log, data, model, train_model, step_fn, loss_fn, optimizer, scaler, amp_dtype, progress,
               steps_per_epoch, stop_step, total_steps, warmup_steps, peak_lr, watch)
     finally:
         watch.uninstall()
@@ -148,7 +158,7 @@ def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
     return results
 
 
-def _loop(cfg, ctx, log, data, model, train_model, loss_fn, optimizer, scaler, amp_dtype, progress,
+def _loop(cfg, ctx, log, data, model, train_model, step_fn, loss_fn, optimizer, scaler, amp_dtype, progress,
           steps_per_epoch, stop_step, total_steps, warmup_steps, peak_lr, watch) -> None:
     device = ctx.device
     sums = torch.zeros(3, device=device)  # loss, top1, non-finite count over the interval (no host sync)
@@ -170,7 +180,8 @@ def _loop(cfg, ctx, log, data, model, train_model, loss_fn, optimizer, scaler, a
                 x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
             lr = lr_at(progress.step, total_steps, warmup_steps, peak_lr, cfg.optim.final_lr)
             set_lr(optimizer, lr)
-            loss, top1 = train_step(train_model, loss_fn, optimizer, scaler, x1, x2, amp_dtype, cfg.optim.grad_clip)
+            loss, top1 = step_fn(train_model, loss_fn, optimizer, scaler, x1, x2, amp_dtype,
+                                 grad_clip=cfg.optim.grad_clip)
             bad = ~torch.isfinite(loss)
             first_bad_step = torch.where(bad & (first_bad_step < 0), progress.step, first_bad_step)
             sums += torch.stack([torch.nan_to_num(loss), top1, bad.float()])

@@ -1,9 +1,12 @@
 """SimCLR network: torchvision ResNet backbone (fc removed, optional small-image stem) and projection head."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torchvision
+from torch.utils.checkpoint import checkpoint
 
 from trainer.config import ModelConfig
 
@@ -47,6 +50,45 @@ class SimCLRModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+@contextlib.contextmanager
+def _bn_statistics_frozen(module: nn.Module):
+    """BatchNorm keeps its running statistics (momentum 0, counter restored): for a checkpoint's recompute."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+class CheckpointedSequential(nn.Sequential):
+    """An nn.Sequential stage whose activations are recomputed in backward instead of stored.
+
+    The recompute leaves BatchNorm running statistics alone, so they advance once per step, not twice.
+    Parameter names (state_dict keys) are those of the plain stage.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        return checkpoint(super().forward, x, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _bn_statistics_frozen(self)))
+
+
+def enable_activation_checkpointing(backbone: nn.Module) -> None:
+    """Checkpoints layer1..layer4 of a torchvision ResNet in place (same modules, same keys)."""
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        stage = getattr(backbone, name)
+        if type(stage) is nn.Sequential:
+            stage.__class__ = CheckpointedSequential
 
 
 def build_model(cfg: ModelConfig) -> SimCLRModel:

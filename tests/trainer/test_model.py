@@ -38,3 +38,21 @@ def test_sync_bn_groups():
     assert sync_batchnorm_groups(4, 8) == [[0, 1, 2, 3]]
     with pytest.raises(ValueError, match="sync_bn_group_size=3"):
         sync_batchnorm_groups(8, 3)
+
+
+def test_activation_checkpointing_same_gradients_and_bn_statistics():
+    from trainer.model import enable_activation_checkpointing
+
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(small_stem=True, out_dim=8))
+    ckpt = build_model(ModelConfig(small_stem=True, out_dim=8))
+    ckpt.load_state_dict(plain.state_dict())
+    enable_activation_checkpointing(ckpt.backbone)
+    assert list(ckpt.state_dict()) == list(plain.state_dict())
+    x = torch.randn(4, 3, 16, 16)
+    for model in (plain, ckpt):
+        model(x).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b, a, msg=name)  # running stats advanced once, not twice

@@ -1,0 +1,88 @@
+"""The cached (chunked) large-batch step gives the direct step's gradients, in one process and on 2 gloo ranks."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer.cached_step import auto_chunk_size, cached_train_step
+from trainer.loss import NTXentLoss
+from trainer.step import train_step
+
+
+class CaptureGrads(torch.optim.Optimizer):
+    """An optimizer whose step records the gradients it was given (after DDP averaging) and changes nothing."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen = [p.grad.detach().clone() for g in self.param_groups for p in g["params"]]
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 8))
+
+
+def views():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(12, 3, 4, 4, generator=g), torch.randn(12, 3, 4, 4, generator=g)
+
+
+def grads(step_fn, model, x1, x2, **kw):
+    opt = CaptureGrads(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, _ = step_fn(model, NTXentLoss(0.2), opt, scaler, x1, x2, amp_dtype=None, **kw)
+    return loss, opt.seen
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 24])
+def test_cached_equals_direct_single_process(chunk_size):
+    x1, x2 = views()
+    loss_d, direct = grads(train_step, small_model(), x1, x2)
+    loss_c, cached = grads(cached_train_step, small_model(), x1, x2, chunk_size=chunk_size)
+    assert loss_c.item() == pytest.approx(loss_d.item(), abs=1e-6)
+    for a, b in zip(direct, cached):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def _rank_cached(rank, world_size):
+    x1, x2 = views()
+    n = x1.shape[0] // world_size
+    model = DDP(small_model())
+    _, seen = grads(cached_train_step, model, x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n],
+                    chunk_size=4)
+    return seen
+
+
+def test_cached_on_two_ranks_equals_direct_full_batch(distributed_run):
+    results = distributed_run(_rank_cached, 2)
+    x1, x2 = views()
+    _, direct = grads(train_step, small_model(), x1, x2)
+    for seen in results:
+        for a, b in zip(direct, seen):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def bn_model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+
+
+def test_batchnorm_running_stats_advance_once_per_sample():
+    x1, x2 = views()
+    direct, cached = bn_model(), bn_model()
+    grads(train_step, direct, x1, x2)
+    grads(cached_train_step, cached, x1, x2, chunk_size=24)  # one chunk: pass 1 must leave no trace
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(cached[2], name), getattr(direct[2], name))
+    chunked = bn_model()
+    grads(cached_train_step, chunked, x1, x2, chunk_size=12)
+    assert chunked[2].num_batches_tracked.item() == 2  # two chunks of 12, each sample once (not 4 passes)
+
+
+def test_auto_chunk_size():
+    assert auto_chunk_size(2048, bytes_per_view=50e6, free_bytes=80e9) == 1024
+    assert auto_chunk_size(64, bytes_per_view=1e3, free_bytes=80e9) == 64
+    assert auto_chunk_size(64, bytes_per_view=1e12, free_bytes=1e9) == 1

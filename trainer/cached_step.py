@@ -1,0 +1,115 @@
+"""Large-batch step by embedding-gradient caching: exact NT-Xent gradients with activations held for one chunk at a time.
+
+Per step: (1) forward this rank's views chunk by chunk without autograd to get every embedding; (2) NT-Xent over
+the gathered embeddings and its gradient with respect to each local embedding; (3) re-forward each chunk with
+autograd (same RNG state as in pass 1) and backpropagate the cached embedding gradient. DDP synchronizes
+gradients once, on the last chunk. Peak activation memory is one chunk's instead of the whole batch's; the
+price is a second forward pass. The parameter gradients equal the direct step's exactly for a model without
+batch statistics; with BatchNorm each chunk is normalized with its own statistics (as a smaller per-device
+batch would be), and the running statistics advance once per sample, in pass 3.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from trainer.loss import NTXentLoss
+
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [buf for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for name in _BN_BUFFERS if (buf := getattr(m, name, None)) is not None]
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def cached_train_step(model: nn.Module, loss_fn: NTXentLoss, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler, x1: torch.Tensor, x2: torch.Tensor,
+                      amp_dtype: torch.dtype | None, chunk_size: int, grad_clip: float = 0.0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for trainer.step.train_step with activations for `chunk_size` views at a time."""
+    views = torch.cat([x1, x2])
+    chunks = views.split(chunk_size)
+    device = views.device
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    # pass 1: embeddings without autograd; BN running statistics put back afterwards (they advance in pass 3)
+    saved_bn = [b.clone() for b in _bn_buffers(model)]
+    rng_states = []
+    with torch.no_grad(), autocast:
+        embeddings = []
+        for chunk in chunks:
+            rng_states.append(_rng_state(device))
+            embeddings.append(model(chunk).float())
+    for buf, saved in zip(_bn_buffers(model), saved_bn):
+        buf.copy_(saved)
+    # pass 2: the loss on the gathered embeddings, and its gradient with respect to each local embedding
+    z = torch.cat(embeddings).requires_grad_(True)
+    loss, top1 = loss_fn(*z.chunk(2), return_accuracy=True)
+    (z_grad,) = torch.autograd.grad(scaler.scale(loss), z)
+    # pass 3: re-forward each chunk with autograd and push the cached gradient through it
+    optimizer.zero_grad(set_to_none=True)
+    start = 0
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            _set_rng_state(rng_states[i], device)
+            with autocast:
+                out = model(chunk)
+            out.float().backward(z_grad[start:start + len(chunk)])
+        start += len(chunk)
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), top1
+
+
+def auto_chunk_size(per_rank_views: int, bytes_per_view: float, free_bytes: float, reserve: float = 0.7) -> int:
+    """Largest chunk (a divisor-friendly power of two, at most per_rank_views) whose activations fit in
+    `reserve` of the free device memory."""
+    budget = max(1, int(free_bytes * reserve / max(bytes_per_view, 1.0)))
+    size = 1
+    while size * 2 <= min(budget, per_rank_views):
+        size *= 2
+    return size
+
+
+def measure_bytes_per_view(model: nn.Module, image_size: int, device: torch.device,
+                           amp_dtype: torch.dtype | None, probe_views: int = 8) -> float:
+    """Activation memory of one view in a training forward + backward, measured on CUDA with a small batch."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    x = torch.randn(probe_views, 3, image_size, image_size, device=device)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = model(x)
+    out.float().square().mean().backward()
+    peak = torch.cuda.max_memory_allocated(device)
+    model.zero_grad(set_to_none=True)
+    return (peak - base) / probe_views
+
+
+def choose_chunk_size(configured: int, model: nn.Module, per_rank_views: int, image_size: int,
+                      device: torch.device, amp_dtype: torch.dtype | None) -> int:
+    """The configured chunk size, or on CUDA the largest that fits free memory (64 on CPU)."""
+    if configured > 0:
+        return min(configured, per_rank_views)
+    if device.type != "cuda":
+        return min(64, per_rank_views)
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return auto_chunk_size(per_rank_views, measure_bytes_per_view(model, image_size, device, amp_dtype), free_bytes)
+
