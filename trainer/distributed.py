@@ -66,7 +66,7 @@ def _store(world: WorldInfo, timeout: datetime.timedelta) -> dist.Store:
     port = int(os.environ.get("MASTER_PORT", "29500"))
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(addr, port, world.world_size, is_master=world.rank == 0 and not agent_hosts_store,
-                          timeout=timeout, wait_for_workers=False)
+                          timeout=timeout, wait_for_workers=False, multi_tenant=True)
     return dist.PrefixStore(f"simclr/round{world.restart_count}/", store)
 
 

@@ -146,7 +146,9 @@ def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
     finally:
         watch.uninstall()
     # ---------------------------------------------------------------- final evaluation
-    results = {"step": progress.step}
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))  # host sync: once, at the end
+    print(f"[rank {ctx.rank}] step {progress.step}: parameter checksum {checksum:.12e}", flush=True)
+    results = {"step": progress.step, "checksum": checksum}
     if initial_backbone is not None:
         from trainer.monitor import probe_rows
         results.update(probe_rows(model.backbone, initial_backbone, data.labeled, ctx.device,
