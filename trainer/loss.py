@@ -8,6 +8,18 @@ import torch.nn.functional as F
 from trainer import distributed
 
 
+def rank_logits(local: torch.Tensor, columns: torch.Tensor, offset: int, temperature: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [2n, 2N] of this rank's rows (local = [view-1 rows; view-2 rows]) against all columns, self
+    similarity set to -inf in place (no [2n, 2N] mask), and the column index of each row's positive.
+    `offset` is where this rank's block starts among the columns (2n * rank)."""
+    n2 = local.shape[0]
+    logits = local @ columns.T / temperature
+    rows = torch.arange(n2, device=local.device)
+    logits[rows, rows + offset] = float("-inf")  # the division's backward does not need its output
+    return logits, (rows + n2 // 2) % n2 + offset
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, cosine: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """NT-Xent of this rank's pairs against every rank's embeddings.
@@ -21,18 +33,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, cosine: bool
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"nt_xent expects two [n, d] tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    n = z1.shape[0]
     local = torch.cat([z1, z2], dim=0).float()  # logits in fp32 whatever the autocast dtype
     if cosine:
         local = F.normalize(local, dim=1)
     columns = distributed.gather_with_grad(local)  # [2N, d], rank r's block at rows 2n*r .. 2n*(r+1)
-    offset = 2 * n * distributed.rank()
-    logits = local @ columns.T / temperature  # [2n, 2N]
-    rows = torch.arange(2 * n, device=local.device)
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[rows, rows + offset] = True
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    positives = (rows + n) % (2 * n) + offset  # view 1 row i <-> view 2 row i within this rank's block
+    logits, positives = rank_logits(local, columns, 2 * z1.shape[0] * distributed.rank(), temperature)
     loss = F.cross_entropy(logits, positives)
     with torch.no_grad():
         top1 = (logits.argmax(dim=1) == positives).float().mean()
