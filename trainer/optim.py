@@ -44,26 +44,25 @@ class LARS(torch.optim.Optimizer):
 
     def _update(self, params: list, group: dict, adapt: bool) -> None:
         grads = [p.grad for p in params]
+        if adapt and group["weight_decay"]:
+            d = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        else:
+            d = [g.clone() for g in grads]
         if adapt:
-            d = torch._foreach_add(grads, params, alpha=group["weight_decay"]) if group["weight_decay"] else \
-                [g.clone() for g in grads]
             w_norm = torch.stack(torch._foreach_norm(params))
             d_norm = torch.stack(torch._foreach_norm(d))
-            usable = (w_norm > 0) & (d_norm > 0)
-            trust = torch.where(usable, group["trust_coefficient"] * w_norm / d_norm.clamp_min(1e-30),
-                                torch.ones_like(w_norm))
+            trust = torch.where((w_norm > 0) & (d_norm > 0),
+                                group["trust_coefficient"] * w_norm / d_norm.clamp_min(1e-30), torch.ones_like(w_norm))
             torch._foreach_mul_(d, list((trust * group["lr"]).to(grads[0].dtype).unbind()))
         else:
-            d = torch._foreach_mul(grads, group["lr"])
-        bufs = []
-        for p, step in zip(params, d):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            bufs.append(state["momentum_buffer"])
-        torch._foreach_mul_(bufs, group["momentum"])
-        torch._foreach_add_(bufs, d)
-        torch._foreach_sub_(params, bufs)
+            torch._foreach_mul_(d, group["lr"])
+        # v = momentum * v + lr * trust * d, computed into d, which then becomes the buffer (one pass fewer)
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        if all(b is not None for b in bufs):
+            torch._foreach_add_(d, bufs, alpha=group["momentum"])
+        for p, v in zip(params, d):
+            self.state[p]["momentum_buffer"] = v
+        torch._foreach_sub_(params, d)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
