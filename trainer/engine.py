@@ -203,6 +203,7 @@ def _loop(cfg, ctx, log, data, model, train_model, step_fn, loss_fn, optimizer, 
             stop_now = watch.should_stop()
             if epoch_done or periodic or stop_now or progress.step == stop_step:
                 _check_finite(sums, first_bad_step)  # never overwrite a checkpoint with diverged weights
+                _check_finite_parameters(model, progress.step)
                 if ctx.is_main:
                     checkpoint.save(training_state(model, optimizer, scaler, progress, cfg, ctx.world_size),
                                     cfg.output_dir, progress.step, cfg.keep_checkpoints)
@@ -221,6 +222,16 @@ def _check_finite(sums: torch.Tensor, first_bad_step: torch.Tensor) -> None:
     if bad >= 0 or distributed.all_reduce_max(sums[2:3].clone()).item() > 0:
         raise NonFiniteLossError(f"the loss became non-finite at step {bad}: lower optim.base_lr, enable "
                                  "optim.grad_clip or use amp=bf16; the last checkpoint was left as it was")
+
+
+def _check_finite_parameters(model: nn.Module, step: int) -> None:
+    """Before a checkpoint: the last update may have diverged although its loss was still finite."""
+    norms = torch.stack(torch._foreach_norm([p.detach() for p in model.parameters()]))
+    if not bool(distributed.all_reduce_max((~torch.isfinite(norms)).any().float().view(1)).item()):
+        return
+    raise NonFiniteLossError(f"the parameters became non-finite at step {step} (the update of that step "
+                             "diverged): lower optim.base_lr or enable optim.grad_clip; the last checkpoint was "
+                             "left as it was")
 
 
 def _log_interval(cfg, ctx, log, progress, sums, first_bad_step, timer, lr, steps_per_epoch) -> None:
