@@ -1,0 +1,125 @@
+"""Faults injected into live torchrun jobs (CPU, gloo, loopback): multi-node rendezvous, a killed worker under
+--max-restarts, SIGTERM preemption, a torn latest checkpoint. Each bounded in time."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint
+
+REPO = Path(__file__).parents[2]
+RUN = ["-m", "trainer.main", "--config", "configs/quickstart.yaml", "dataset.name=synthetic",
+       "dataset.synthetic_size=192", "dataset.input_shape=(16,16,3)", "batch_size=32", "epochs=4",
+       "log_every_n_steps=1", "eval.final_probe=false", "eval.knn_monitor=false", "optim.warmup_epochs=1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def checksums(text: str) -> dict[int, str]:
+    return {int(r): c for r, c in re.findall(r"\[rank (\d)\] step \d+: parameter checksum (\S+)", text)}
+
+
+def final_params(output_dir: Path) -> dict:
+    return torch.load(checkpoint.list_checkpoints(output_dir)[-1], weights_only=True)
+
+
+def wait_for(predicate, timeout_s: float, proc: subprocess.Popen) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert proc.poll() is None, "the job ended before the fault could be injected"
+        assert time.time() < deadline, "timed out waiting for the job"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    proc = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", *RUN, f"output_dir={out}"), cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return final_params(out)
+
+
+def test_two_node_c10d_rendezvous_same_model_on_both(tmp_path):
+    port = free_port()
+    common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+              "--rdzv-id=twonode", *RUN, "max_steps=4", f"output_dir={tmp_path}"]
+    nodes = [subprocess.Popen(torchrun(*common), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    sums = {**checksums(outputs[0]), **checksums(outputs[1])}
+    assert sorted(sums) == [0, 1] and sums[0] == sums[1]
+    assert final_params(tmp_path)["step"] == 4
+
+
+def test_killed_worker_restarts_and_matches_uninterrupted_run(tmp_path, uninterrupted):
+    proc = subprocess.Popen(torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=1", *RUN,
+                                     "checkpoint_every_n_steps=3", f"output_dir={tmp_path}"),
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: any(int(p.stem.split("_")[1]) >= 6 for p in checkpoint.list_checkpoints(tmp_path)), 240, proc)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(workers[1]), signal.SIGKILL)  # mid-epoch: 6 steps done of 12 per 2 epochs... more to go
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "resumed from" in output
+    resumed = final_params(tmp_path)
+    assert resumed["step"] == uninterrupted["step"]
+    for key, value in uninterrupted["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_sigterm_checkpoints_within_grace_and_resumes(tmp_path, uninterrupted):
+    proc = subprocess.Popen(torchrun("--standalone", "--nproc_per_node=2", *RUN, f"output_dir={tmp_path}"),
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, 240, proc)
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+        took = time.time() - sent
+    finally:
+        proc.kill()
+    saved = checkpoint.list_checkpoints(tmp_path)
+    assert saved, output[-3000:]
+    step = torch.load(saved[-1], weights_only=True)["step"]
+    assert 0 < step < uninterrupted["step"] and took < 30
+    assert "checkpoint at step" in output
+    again = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", *RUN, f"output_dir={tmp_path}"),
+                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"at step {step} " in again.stdout, again.stderr[-3000:]
+    assert final_params(tmp_path)["step"] == uninterrupted["step"]
+
+
+def test_torn_latest_checkpoint_resumes_from_previous(tmp_path):
+    first = subprocess.run([sys.executable, *RUN, "max_steps=4", "checkpoint_every_n_steps=2",
+                            f"output_dir={tmp_path}"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    latest = checkpoint.list_checkpoints(tmp_path)[-1]
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 3])
+    again = subprocess.run([sys.executable, *RUN, "max_steps=6", f"output_dir={tmp_path}"], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert latest.name in again.stderr and "unreadable" in again.stderr
+    assert "resumed from" in again.stdout and "ckpt_000000002.pt at step 2" in again.stdout
