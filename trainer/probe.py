@@ -1,0 +1,346 @@
+"""Evaluation numerics on frozen features: linear probe, weighted kNN, PCA, and result tables."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# L2 strengths tried by the linear probe: penalty 0.5 * wd * ||W||^2 added to the mean cross-entropy,
+# on standardized features. sklearn's LogisticRegression(C) on n samples is wd = 1 / (C * n).
+DEFAULT_WEIGHT_DECAYS = tuple(10.0**e for e in range(-6, 1))
+
+# At or below this many train elements (rows x features) the probe uses full-batch L-BFGS.
+LBFGS_MAX_ELEMENTS = 2**25
+
+# PCA uses an exact SVD when min(n_samples, n_features) is at most this, else randomized PCA.
+PCA_EXACT_MAX_RANK = 4096
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _as_float(x) -> torch.Tensor:
+    """A float32 CPU tensor (2-D) from a numpy array or a tensor; no copy when already so."""
+    x = torch.as_tensor(x)
+    return x.reshape(x.shape[0], -1).to(device="cpu", dtype=torch.float32)
+
+
+def _as_labels(y) -> torch.Tensor:
+    return torch.as_tensor(y).reshape(-1).to(device="cpu", dtype=torch.int64)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _num_classes(num_classes, *labels: torch.Tensor) -> int:
+    inferred = max(int(y.max()) for y in labels if y.numel()) + 1
+    if num_classes is None:
+        return inferred
+    if inferred > num_classes:
+        raise ValueError(f"labels go up to {inferred - 1} but num_classes={num_classes}")
+    return int(num_classes)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:
+    """Fractions of rows whose label is among the k highest scores: {"top1": ..., "top5": ...}.
+
+    scores: (n, C); labels: (n,). A k larger than C is skipped (no "top5" with 3 classes).
+    """
+    labels = labels.to(scores.device)
+    maxk = min(max(ks), scores.shape[1])
+    pred = scores.topk(maxk, dim=1).indices  # (n, maxk), best first
+    hit = pred.eq(labels.view(-1, 1))
+    return {f"top{k}": hit[:, :k].any(dim=1).float().mean().item() for k in ks if k <= scores.shape[1]}
+
+
+def stratified_split(labels, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_idx, val_idx), sorted, with round(val_fraction * n_c) of each class c in validation.
+
+    A class with at least two samples keeps at least one on each side; a singleton stays in train.
+    """
+    labels = _as_labels(labels)
+    generator = torch.Generator().manual_seed(seed)
+    train_parts, val_parts = [], []
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).view(-1)
+        idx = idx[torch.randperm(idx.numel(), generator=generator)]
+        n_val = 0 if idx.numel() < 2 else min(max(round(val_fraction * idx.numel()), 1), idx.numel() - 1)
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear probe
+# ---------------------------------------------------------------------------------------------------
+
+
+def _standardizer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std of x (float64 accumulation); constant features get std 1."""
+    mean = x.mean(dim=0, dtype=torch.float64)
+    var = (x.double() - mean).pow(2).mean(dim=0) if x.numel() <= 2**26 else _chunked_var(x, mean)
+    std = var.sqrt()
+    std = torch.where(std > 1e-8 * (mean.abs() + 1), std, torch.ones_like(std))
+    return mean.float(), std.float()
+
+
+def _chunked_var(x: torch.Tensor, mean: torch.Tensor, rows: int = 65536) -> torch.Tensor:
+    total = torch.zeros_like(mean)
+    for i in range(0, x.shape[0], rows):
+        total += (x[i : i + rows].double() - mean).pow(2).sum(dim=0)
+    return total / x.shape[0]
+
+
+def _objective(x, y, weight, bias, weight_decay):
+    """Mean cross-entropy plus 0.5 * weight_decay * ||weight||^2 (the bias is not penalized)."""
+    return F.cross_entropy(x @ weight + bias, y) + 0.5 * weight_decay * weight.pow(2).sum()
+
+
+def _fit_lbfgs(x, y, num_classes, weight_decay, max_iter):
+    """Full-batch L-BFGS (strong Wolfe line search) from zeros; x is standardized, on device."""
+    weight = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+        tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = _objective(x, y, weight, bias, weight_decay)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def _fit_minibatch(x, y, num_classes, weight_decay, mean, std, epochs, batch_size, lr, device, seed):
+    """Mini-batch Adam on the same objective, cosine-decayed lr; x stays where it is (CPU is fine)."""
+    weight = torch.zeros(x.shape[1], num_classes, device=device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=device, requires_grad=True)
+    opt = torch.optim.Adam([weight, bias], lr=lr)
+    steps_per_epoch = math.ceil(x.shape[0] / batch_size)
+    total_steps = epochs * steps_per_epoch
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = mean.to(device), std.to(device)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=generator)
+        for i in range(0, x.shape[0], batch_size):
+            idx = order[i : i + batch_size]
+            xb = (x[idx].to(device, non_blocking=True) - mean) / std
+            yb = y[idx].to(device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            opt.zero_grad(set_to_none=True)
+            _objective(xb, yb, weight, bias, weight_decay).backward()
+            opt.step()
+            step += 1
+    return weight.detach(), bias.detach()
+
+
+@torch.no_grad()
+def _scores(x, weight, bias, mean, std, rows: int = 16384) -> torch.Tensor:
+    """Logits (n, C) on weight's device, standardizing x chunk by chunk."""
+    mean, std = mean.to(weight.device), std.to(weight.device)
+    out = [((x[i : i + rows].to(weight.device) - mean) / std) @ weight + bias for i in range(0, len(x), rows)]
+    return torch.cat(out) if out else torch.zeros(0, weight.shape[1], device=weight.device)
+
+
+def _fit(x, y, num_classes, weight_decay, solver, opts):
+    """Standardize x with its own statistics, fit, return (weight, bias, mean, std)."""
+    mean, std = _standardizer(x)
+    if solver == "lbfgs":
+        xs = (x.to(opts["device"]) - mean.to(opts["device"])) / std.to(opts["device"])
+        weight, bias = _fit_lbfgs(xs, y.to(opts["device"]), num_classes, weight_decay, opts["max_iter"])
+    else:
+        weight, bias = _fit_minibatch(
+            x, y, num_classes, weight_decay, mean, std, opts["epochs"], opts["batch_size"],
+            opts["lr"], opts["device"], opts["seed"],
+        )
+    return weight, bias, mean, std
+
+
+def linear_probe(
+    train_x, train_y, test_x, test_y, num_classes: int | None = None,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, val_fraction: float = 0.2,
+    epochs: int = 100, batch_size: int = 1024, lr: float = 1e-3, device=None, seed: int = 0,
+    solver: str = "auto", max_iter: int = 500,
+) -> dict:
+    """Multinomial logistic regression on frozen features, L2 strength chosen on a validation split.
+
+    train_x (n, d), test_x (m, d): features (tensor or numpy; flattened past dim 1), standardized
+    with the statistics of the set being fitted. train_y, test_y: integer class ids.
+    For each weight decay wd in ``weight_decays`` (objective: mean cross-entropy + 0.5*wd*||W||^2,
+    bias unpenalized) fit on a stratified (1 - val_fraction) part of train and score top-1 on the
+    rest; refit on all of train with the best wd (ties: the larger wd) and report test accuracy.
+    solver: "lbfgs" (full batch on ``device``; exact optimum, best for up to ~10^7 elements),
+    "minibatch" (Adam, ``epochs`` x ``batch_size``, cosine-decayed ``lr``; features stay on CPU
+    and are streamed to ``device``), or "auto" (L-BFGS up to LBFGS_MAX_ELEMENTS train elements).
+    Deterministic given ``seed`` (split and shuffling; both solvers start from zeros).
+
+    Returns {"top1", "top5" (with >= 5 classes), "weight_decay", "val_top1", "val_top1_by_wd",
+    "solver"}; accuracies are fractions in [0, 1].
+    """
+    train_x, test_x = _as_float(train_x), _as_float(test_x)
+    train_y, test_y = _as_labels(train_y), _as_labels(test_y)
+    num_classes = _num_classes(num_classes, train_y, test_y)
+    if solver == "auto":
+        solver = "lbfgs" if train_x.numel() <= LBFGS_MAX_ELEMENTS else "minibatch"
+    if solver not in ("lbfgs", "minibatch"):
+        raise ValueError(f"solver must be 'auto', 'lbfgs' or 'minibatch', got {solver!r}")
+    opts = dict(device=_resolve_device(device), max_iter=max_iter, epochs=epochs,
+                batch_size=batch_size, lr=lr, seed=seed)
+    weight_decays = sorted(float(wd) for wd in weight_decays)
+    if not weight_decays:
+        raise ValueError("weight_decays is empty")
+
+    val_by_wd = {}
+    if len(weight_decays) > 1:
+        tr, va = stratified_split(train_y, val_fraction, seed)
+        if va.numel() == 0:
+            raise ValueError("validation split is empty: too few samples per class for val_fraction")
+        for wd in weight_decays:
+            weight, bias, mean, std = _fit(train_x[tr], train_y[tr], num_classes, wd, solver, opts)
+            val_by_wd[wd] = topk_accuracy(_scores(train_x[va], weight, bias, mean, std), train_y[va], (1,))["top1"]
+        best_wd = max(weight_decays, key=lambda wd: (val_by_wd[wd], wd))
+    else:
+        best_wd = weight_decays[0]
+
+    weight, bias, mean, std = _fit(train_x, train_y, num_classes, best_wd, solver, opts)
+    result = topk_accuracy(_scores(test_x, weight, bias, mean, std), test_y)
+    result.update(weight_decay=best_wd, val_top1=val_by_wd.get(best_wd), val_top1_by_wd=val_by_wd, solver=solver)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weighted kNN
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def knn_scores(
+    train_x, train_y, query_x, k: int = 200, temperature: float = 0.1, num_classes: int | None = None,
+    chunk_size: int = 1024, device=None,
+) -> torch.Tensor:
+    """Class votes (m, C) of the weighted kNN monitor of InstDisc / DINO, as float32 on CPU.
+
+    Rows are L2-normalized; each query's k most cosine-similar train rows (k capped at the bank
+    size) vote for their class with weight exp((sim - 1) / temperature), i.e. exp(sim / T) scaled by
+    the constant exp(-1 / T) so that small temperatures do not overflow (rankings are unchanged).
+    Queries are processed ``chunk_size`` rows at a time, so memory is chunk_size x n_train.
+    """
+    device = _resolve_device(device)
+    train_y = _as_labels(train_y)
+    num_classes = num_classes if num_classes is not None else int(train_y.max()) + 1
+    bank = F.normalize(_as_float(train_x).to(device), dim=1)  # (n, d)
+    bank_labels = train_y.to(device)
+    query_x = _as_float(query_x)
+    k = min(k, bank.shape[0])
+    out = []
+    for i in range(0, query_x.shape[0], chunk_size):
+        q = F.normalize(query_x[i : i + chunk_size].to(device), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # (b, k) each
+        weights = ((sim - 1.0) / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes, device=device)
+        votes.scatter_add_(1, bank_labels[idx], weights)
+        out.append(votes.cpu())
+    return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+def knn_classify(
+    train_x, train_y, test_x, test_y, k: int = 200, temperature: float = 0.1,
+    num_classes: int | None = None, chunk_size: int = 1024, device=None,
+) -> dict:
+    """Weighted kNN accuracy (see knn_scores): {"top1", "top5" (with >= 5 classes), "k"}."""
+    train_y, test_y = _as_labels(train_y), _as_labels(test_y)
+    num_classes = _num_classes(num_classes, train_y, test_y)
+    votes = knn_scores(train_x, train_y, test_x, k, temperature, num_classes, chunk_size, device)
+    result = topk_accuracy(votes, test_y)
+    result["k"] = min(k, len(train_y))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# PCA
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def pca_features(train_x, test_x, dim: int = 256, seed: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project train and test onto the top principal axes of train (raw values, flattened).
+
+    Returns float32 CPU tensors (n, q), (m, q) with q = min(dim, n_features, n_samples); the default
+    dim gives the seed README's 256. Centering uses the train mean. Exact SVD (float64) when
+    min(n_samples, n_features) <= PCA_EXACT_MAX_RANK, else torch.pca_lowrank seeded by ``seed``.
+    Signs are deterministic: each axis has its largest-magnitude loading positive (like sklearn).
+    """
+    device = _resolve_device(device)
+    train_x, test_x = _as_float(train_x), _as_float(test_x)
+    n, f = train_x.shape
+    q = min(dim, n, f)
+    if min(n, f) <= PCA_EXACT_MAX_RANK:
+        x = train_x.to(device, torch.float64)
+        mean = x.mean(dim=0)
+        axes = torch.linalg.svd(x - mean, full_matrices=False).Vh[:q].T  # (f, q)
+    else:
+        x = train_x.to(device)
+        mean = x.mean(dim=0)
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with rng if device.type in ("cpu", "cuda") else contextlib.nullcontext():
+            torch.manual_seed(seed)
+            axes = torch.pca_lowrank(x - mean, q=min(q + 10, n, f), center=False, niter=4)[2][:, :q]
+    rows = torch.arange(q, device=axes.device)
+    signs = torch.sign(axes[axes.abs().argmax(dim=0), rows])
+    axes = axes * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+    def project(z: torch.Tensor) -> torch.Tensor:
+        return ((z.to(device, axes.dtype) - mean) @ axes).float().cpu()
+
+    return project(train_x), project(test_x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Result tables (the seed README's format)
+# ---------------------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = (
+    ("classifier", "Linear Classifier"), ("extractor", "Feature Extractor"),
+    ("architecture", "Architecture"), ("feature_dim", "Feature dimension"),
+    ("head_dim", "Projection head dimension"), ("epochs", "Epochs"), ("top1", "Top-1"),
+)
+
+
+def result_row(classifier: str, extractor: str, architecture, feature_dim, head_dim, epochs, top1) -> dict:
+    """One result as a dict (JSON-friendly raw values); top1 is a fraction in [0, 1] or None."""
+    if top1 is not None and not 0.0 <= float(top1) <= 1.0:
+        raise ValueError(f"top1 must be a fraction in [0, 1], got {top1}")
+    return dict(classifier=classifier, extractor=extractor, architecture=architecture,
+                feature_dim=feature_dim, head_dim=head_dim, epochs=epochs,
+                top1=None if top1 is None else float(top1))
+
+
+def _cell(key: str, value) -> str:
+    if value is None or value == "":
+        return "-"
+    if key == "top1":
+        return f"{100.0 * value:.1f}%"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """A centered markdown table of result_row dicts; missing values print as "-", top-1 as 70.3%."""
+    header = "| " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
+    rule = "|" + "|".join(":" + "-" * max(len(title), 3) + ":" for _, title in TABLE_COLUMNS) + "|"
+    body = ["| " + " | ".join(_cell(key, row.get(key)) for key, _ in TABLE_COLUMNS) + " |" for row in rows]
+    return "\n".join([header, rule, *body]) + "\n"
