@@ -4,15 +4,12 @@
 
 On CUDA peak memory is torch.cuda.max_memory_allocated. On CPU it is the growth of the process's resident
 set during one step (VmHWM after resetting it through /proc/self/clear_refs), with glibc's mmap threshold
-fixed so that freed tensors go back to the system at once (the benchmark re-executes itself with
-MALLOC_MMAP_THRESHOLD_ set). Goal: cached peak <= 40% of direct at <= 1.35x the step time.
+fixed (mallopt) so that freed tensors go back to the system at once. Goal: cached peak <= 40% of direct at <= 1.35x the step time.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 import time
 
 import torch
@@ -35,6 +32,14 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _return_freed_memory_to_os() -> None:
+    """glibc: serve allocations of 64 KiB and more by mmap (and unmap them on free), so RSS tracks live tensors."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 65536)
+
+
 def peak_step_bytes(fn, device: torch.device) -> float:
     """Memory a call adds at its peak over what was allocated before it."""
     if device.type == "cuda":
@@ -52,6 +57,8 @@ def peak_step_bytes(fn, device: torch.device) -> float:
 
 
 def measure(base_model: str, image_size: int, batch: int, chunk: int, device: torch.device, rounds: int) -> dict:
+    if device.type == "cpu":
+        _return_freed_memory_to_os()
     torch.manual_seed(0)
     model = build_model(ModelConfig(base_model=base_model, small_stem=True)).to(device)
     optimizer = LARS(param_groups(model, 1e-6), lr=0.01, weight_decay=1e-6)
@@ -88,9 +95,6 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv is None:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed tensors return to the OS: RSS tracks live memory
-        os.execv(sys.executable, [sys.executable, "-m", "benchmarks.large_batch", *sys.argv[1:]])
     device = distributed.pick_device(args.device, 0)
     result = measure(args.model, args.image_size, args.batch, args.chunk, device, args.rounds)
     emit({"benchmark": "large_batch", "environment": environment(), "config": vars(args), "results": result},

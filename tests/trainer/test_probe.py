@@ -1,0 +1,78 @@
+"""Linear probe, weighted kNN and PCA against independent computations (scikit-learn, direct loops)."""
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+
+from trainer.probe import knn_classify, knn_scores, linear_probe, markdown_table, pca_features, result_row
+
+
+@pytest.fixture(scope="module")
+def digits_split():
+    x, y = load_digits(return_X_y=True)
+    return train_test_split(x.astype(np.float32), y, test_size=0.3, stratify=y, random_state=0)
+
+
+def test_linear_probe_separable_blobs():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 32, generator=g) * 4
+    labels = torch.randint(5, (600,), generator=g)
+    x = centers[labels] + torch.randn(600, 32, generator=g)
+    out = linear_probe(x[:400], labels[:400], x[400:], labels[400:], seed=0)
+    assert out["top1"] >= 0.9 and "weight_decay" in out and "top5" in out
+
+
+def test_linear_probe_close_to_sklearn_on_digits(digits_split):
+    x_tr, x_te, y_tr, y_te = digits_split
+    ours = linear_probe(x_tr, y_tr, x_te, y_te, seed=0)["top1"]
+    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
+    reference = LogisticRegression(max_iter=2000).fit((x_tr - mean) / std, y_tr).score((x_te - mean) / std, y_te)
+    assert ours == pytest.approx(reference, abs=0.03)
+    assert ours > 0.93
+
+
+def brute_force_knn(train_x, train_y, test_x, k, temperature, num_classes):
+    """Direct loops: cosine similarity, top-k neighbours, votes exp(sim / T) summed per class."""
+    tx = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    qx = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    predictions = []
+    for q in qx:
+        sims = tx @ q
+        neighbours = np.argsort(-sims, kind="stable")[:k]
+        votes = np.zeros(num_classes)
+        for j in neighbours:
+            votes[train_y[j]] += np.exp(sims[j] / temperature)
+        predictions.append(int(np.argmax(votes)))
+    return np.array(predictions)
+
+
+def test_knn_equals_brute_force(digits_split):
+    x_tr, x_te, y_tr, y_te = digits_split
+    x_tr, y_tr, x_te, y_te = x_tr[:300].astype(np.float64), y_tr[:300], x_te[:80].astype(np.float64), y_te[:80]
+    expected = brute_force_knn(x_tr, y_tr, x_te, k=20, temperature=0.1, num_classes=10)
+    scores = knn_scores(torch.from_numpy(x_tr).float(), torch.from_numpy(y_tr), torch.from_numpy(x_te).float(),
+                        k=20, temperature=0.1, num_classes=10)
+    assert (scores.argmax(1).numpy() == expected).mean() >= 0.99  # float32 vs float64 near-ties at most
+    out = knn_classify(x_tr, y_tr, x_te, y_te, k=20, temperature=0.1, chunk_size=7)
+    assert out["top1"] == pytest.approx((expected == y_te).mean(), abs=1 / 80 + 1e-9)
+    assert knn_classify(x_tr[:5], y_tr[:5], x_te, y_te, k=200)["k"] == 5  # k capped at the bank size
+
+
+def test_pca_matches_sklearn_subspace(digits_split):
+    x_tr, x_te, _, _ = digits_split
+    ours_tr, ours_te = pca_features(x_tr, x_te, dim=20)
+    ref = PCA(n_components=20).fit(x_tr)
+    ref_te = ref.transform(x_te)
+    assert ours_te.shape == (len(x_te), 20)
+    np.testing.assert_allclose(np.abs(ours_te.numpy()), np.abs(ref_te), atol=2e-2, rtol=1e-3)
+
+
+def test_markdown_table_in_the_seeds_format():
+    rows = [result_row("Logistic Regression", "SimCLR", "ResNet-18", 512, 256, 40, 0.703),
+            result_row("KNN", "PCA Features", "-", 256, "-", "", 0.318)]
+    table = markdown_table(rows)
+    assert table.splitlines()[0].startswith("| Linear Classifier | Feature Extractor | Architecture |")
+    assert "70.3%" in table and "31.8%" in table
