@@ -80,7 +80,7 @@ def measure(base_model: str, image_size: int, batch: int, chunk: int, device: to
     med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
     peak = {name: sorted(v)[len(v) // 2] for name, v in peaks.items()}
     return {"step_time_s": med, "peak_step_bytes": peak,
-            "memory_ratio_cached_over_direct": peak["cached"] / peak["direct"],
+            "memory_ratio_cached_over_direct": peak["cached"] / max(peak["direct"], 1.0),
             "time_ratio_cached_over_direct": med["cached"] / med["direct"],
             "goal": "memory ratio <= 0.40 at time ratio <= 1.35"}
 

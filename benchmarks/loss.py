@@ -71,9 +71,9 @@ def measure(global_batch: int, world_size: int, dim: int, device: torch.device) 
             "logit_slice_bytes": local_views * views * 4, "memory_ratio_full_over_slice": full_peak / peak}
 
 
-def run(device: str = "auto", quick: bool = False, dim: int = 128) -> dict:
+def run(device: str = "auto", quick: bool = False, dim: int = 128, batches: list[int] | None = None) -> dict:
     dev = distributed.pick_device(device, 0)
-    batches = [256, 1024, 4096, 8192] if not quick else [256, 1024, 8192]
+    batches = batches or ([256, 1024, 8192] if quick else [256, 1024, 4096, 8192])
     rows = [measure(b, w, dim, dev) for b in batches for w in (1, 2, 8)]
     return {"benchmark": "loss", "environment": environment(), "config": {"device": str(dev), "dim": dim},
             "results": rows}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import platform
 import re
 import subprocess
@@ -44,12 +43,15 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def step_suite(ctx, quick: bool) -> dict:
-    """Overhead ratio, AMP/channels_last/compile on-off, and a per-device batch sweep with memory and MFU."""
+def step_suite(ctx, scale: str) -> dict:
+    """Overhead ratio, AMP and channels_last on/off, and a per-device batch sweep with memory and MFU."""
     cuda = ctx.device.type == "cuda"
     model, size = ("resnet50", 224) if cuda else ("resnet18", 32)
-    batches = ([64, 128, 256] if cuda else [16, 32, 64]) if quick else ([64, 128, 256, 384] if cuda else [16, 32, 64, 128])
-    rounds = 3 if quick else 5
+    batches = {"tiny": [2, 4], "quick": [64, 128, 256] if cuda else [16, 32, 64],
+               "full": [64, 128, 256, 384] if cuda else [16, 32, 64, 128]}[scale]
+    if scale == "tiny":
+        size = 16
+    rounds = {"tiny": 1, "quick": 3, "full": 5}[scale]
     variants = {"default": dict(amp="auto", channels_last=True)}
     variants["amp_off"] = dict(amp="off", channels_last=True)
     if cuda:
@@ -82,10 +84,10 @@ def step_suite(ctx, quick: bool) -> dict:
             "fastest_fitting_batch": best["per_device_batch"] if best else None}
 
 
-def end_to_end(quick: bool) -> dict:
+def end_to_end(scale: str) -> dict:
     """steps/s of `python -m trainer.main` on the quickstart config with the loader in the loop."""
     with tempfile.TemporaryDirectory() as out:
-        steps = 12 if quick else 40
+        steps = {"tiny": 8, "quick": 12, "full": 40}[scale]
         cmd = [sys.executable, "-m", "trainer.main", "--config", "configs/quickstart.yaml", f"output_dir={out}",
                f"max_steps={steps}", "log_every_n_steps=4", "eval.final_probe=false", "eval.knn_monitor=false",
                "eval_every_n_epochs=1000"]
@@ -103,12 +105,12 @@ def end_to_end(quick: bool) -> dict:
             "data_wait_frac": sum(r["data_wait_frac"] for r in train) / max(len(train), 1)}
 
 
-def loader_suite(quick: bool, device: str) -> dict:
+def loader_suite(scale: str, device: str) -> dict:
     try:
         from benchmarks import loader
     except ImportError as err:
         return {"skipped": f"loader benchmark unavailable: {err}"}
-    return loader.run(quick=quick, device=device)
+    return loader.run(quick=scale != "full", device=device)
 
 
 def plot(results: dict, folder: Path) -> list[str]:
@@ -158,8 +160,8 @@ def summary(results: dict, env: dict) -> str:
         lines += [f"- {v['variant']}: {v['img_per_s_per_rank']['full_step']:.1f} img/s" for v in s["variants"]]
         lines += [f"- fastest per-device batch that fits: {s['fastest_fitting_batch']}", ""]
     if "loss" in results:
-        r = next(r for r in results["loss"]["results"] if r["global_batch"] == 8192 and r["world_size"] == 8)
-        lines += ["## NT-Xent", f"- global 8192 on 8 ranks: {r['slice_peak_bytes'] / 2**20:.0f} MiB per rank "
+        r = max(results["loss"]["results"], key=lambda r: (r["global_batch"], r["world_size"]))
+        lines += ["## NT-Xent", f"- global {r['global_batch']} on {r['world_size']} ranks: {r['slice_peak_bytes'] / 2**20:.0f} MiB per rank "
                   f"(2n x 2N x 4 B = {r['logit_slice_bytes'] / 2**20:.0f} MiB) vs full matrix "
                   f"{r['full_peak_bytes'] / 2**20:.0f} MiB: {r['memory_ratio_full_over_slice']:.1f}x less", ""]
     if "optimizer" in results:
@@ -185,6 +187,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and rounds (minutes on a laptop CPU)")
+    parser.add_argument("--tiny", action="store_true", help="smallest sizes: checks the report, not speeds")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<machine>-<date>)")
     parser.add_argument("--only", help="comma-separated subset: step,loss,optimizer,large_batch,comm,end_to_end,loader")
     args = parser.parse_args(argv)
@@ -194,17 +197,19 @@ def main(argv=None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     wanted = set(args.only.split(",")) if args.only else {"step", "loss", "optimizer", "large_batch", "comm",
                                                               "end_to_end", "loader"}
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     ctx = distributed.init(distributed.WorldInfo(0, 0, 1, 0), args.device)
+    scale = "tiny" if args.tiny else "quick" if args.quick else "full"
     results: dict = {}
-    jobs = {"step": lambda: step_suite(ctx, args.quick),
-            "loss": lambda: loss.run(args.device, args.quick),
-            "optimizer": lambda: optimizer.run(args.device, rounds=3 if args.quick else 5),
-            "large_batch": lambda: {"results": large_batch.measure("resnet18", 32, 32 if args.quick else 128,
-                                                                   16 if args.quick else 32, ctx.device, 2)},
-            "comm": lambda: comm.run(quick=args.quick),
-            "end_to_end": lambda: end_to_end(args.quick),
-            "loader": lambda: loader_suite(args.quick, str(ctx.device))}
+    lb_batch, lb_chunk = {"tiny": (4, 4), "quick": (32, 16), "full": (128, 32)}[scale]
+    jobs = {"step": lambda: step_suite(ctx, scale),
+            "loss": lambda: loss.run(args.device, scale != "full", batches=[256] if scale == "tiny" else None),
+            "optimizer": lambda: optimizer.run(args.device, "resnet18" if scale == "tiny" else "resnet50",
+                                               rounds={"tiny": 1, "quick": 3, "full": 5}[scale]),
+            "large_batch": lambda: {"results": large_batch.measure("resnet18", 16 if scale == "tiny" else 32,
+                                                                   lb_batch, lb_chunk, ctx.device, 1 if scale == "tiny" else 2)},
+            "comm": lambda: comm.run(quick=scale != "full"),
+            "end_to_end": lambda: end_to_end(scale),
+            "loader": lambda: loader_suite(scale, str(ctx.device))}
     try:
         for name, job in jobs.items():
             if name in wanted:

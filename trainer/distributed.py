@@ -60,7 +60,7 @@ def _store(world: WorldInfo, timeout: datetime.timedelta) -> dist.Store:
     keys of a dead round are still there; a restarted gloo group would read them and try to connect to the
     dead worker. A prefix per TORCHELASTIC_RESTART_COUNT gives every round fresh keys.
     """
-    if world.world_size == 1 and "MASTER_ADDR" not in os.environ:
+    if world.world_size == 1:
         return dist.HashStore()  # plain single process: nothing to rendezvous with
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT", "29500"))
