@@ -17,7 +17,7 @@ from trainer.inputs import build_pretrain_data
 from trainer.loss import NTXentLoss
 from trainer.metrics import IntervalTimer, RunLogger
 from trainer.cached_step import cached_train_step, choose_chunk_size
-from trainer.model import build_model, enable_activation_checkpointing, sync_batchnorm_groups
+from trainer.model import build_model, enable_activation_checkpointing, new_sync_batchnorm_group
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch
 from trainer.step import resolve_amp, train_step
@@ -57,10 +57,8 @@ def build_network(cfg: Config, ctx: DistContext, log: RunLogger) -> tuple[nn.Mod
         enable_activation_checkpointing(model.backbone)
     cuda = ctx.device.type == "cuda"
     if cuda and cfg.model.sync_bn and ctx.world_size > 1:
-        groups = sync_batchnorm_groups(ctx.world_size, cfg.model.sync_bn_group_size)
-        handles = [torch.distributed.new_group(ranks) for ranks in groups]  # every rank creates every group
-        mine = next(h for h, ranks in zip(handles, groups) if ctx.rank in ranks)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=mine)
+        group = new_sync_batchnorm_group(ctx.world_size, ctx.rank, cfg.model.sync_bn_group_size)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
     elif cfg.model.sync_bn and ctx.world_size > 1:
         log.info("SyncBatchNorm needs CUDA: on CPU each rank normalizes with its own batch statistics")
     model.to(ctx.device)

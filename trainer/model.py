@@ -103,3 +103,14 @@ def sync_batchnorm_groups(world_size: int, group_size: int) -> list[list[int]]:
     if world_size % group_size:
         raise ValueError(f"model.sync_bn_group_size={group_size} does not divide the world size {world_size}")
     return [list(range(start, start + group_size)) for start in range(0, world_size, group_size)]
+
+
+def new_sync_batchnorm_group(world_size: int, rank: int, group_size: int):
+    """The process group this rank's SyncBatchNorm layers reduce over; every rank creates every group
+    (torch.distributed requires it), in the same order."""
+    import torch.distributed as dist
+
+    groups = sync_batchnorm_groups(world_size, group_size)
+    handles = [dist.new_group(ranks) for ranks in groups]
+    return next(h for h, ranks in zip(handles, groups) if rank in ranks)
+

@@ -56,3 +56,19 @@ def test_activation_checkpointing_same_gradients_and_bn_statistics():
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
     for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
         torch.testing.assert_close(b, a, msg=name)  # running stats advanced once, not twice
+
+
+def _group_sums(rank, world_size, group_size):
+    import torch.distributed as dist
+
+    from trainer.model import new_sync_batchnorm_group
+
+    group = new_sync_batchnorm_group(world_size, rank, group_size)
+    value = torch.tensor([float(rank)])
+    dist.all_reduce(value, group=group)  # what SyncBatchNorm's statistics reduction spans
+    return value.item()
+
+
+def test_sync_bn_groups_reduce_within_k_ranks(distributed_run):
+    assert distributed_run(_group_sums, 4, 2) == [1.0, 1.0, 5.0, 5.0]  # {0,1} and {2,3}
+    assert distributed_run(_group_sums, 4, 0) == [6.0] * 4  # the whole world
