@@ -16,6 +16,7 @@ class LARS(torch.optim.Optimizer):
     trust = trust_coefficient * |w| / |d| (1 where either norm is 0);  v = momentum * v + lr * trust * d;  w -= v.
     Parameters with ndim < 2 (biases, BatchNorm) get neither weight decay nor trust scaling: v = momentum * v + lr * g.
     No host syncs: the trust ratio is computed with torch.where, per-parameter work with torch._foreach_*.
+    The gradients are overwritten with d during step() (zero or free them before the next backward, as usual).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -43,26 +44,26 @@ class LARS(torch.optim.Optimizer):
         return loss
 
     def _update(self, params: list, group: dict, adapt: bool) -> None:
-        grads = [p.grad for p in params]
-        if adapt and group["weight_decay"]:
-            d = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-        else:
-            d = [g.clone() for g in grads]
+        """v = momentum * v + lr * trust * d; w -= v. The gradient buffers serve as scratch space for d (as
+        NVIDIA's LARC does): no allocation per step."""
+        d = [p.grad for p in params]
+        bufs = []
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(self.state[p]["momentum_buffer"])
+        torch._foreach_mul_(bufs, group["momentum"])
         if adapt:
+            if group["weight_decay"]:
+                torch._foreach_add_(d, params, alpha=group["weight_decay"])
             w_norm = torch.stack(torch._foreach_norm(params))
             d_norm = torch.stack(torch._foreach_norm(d))
             trust = torch.where((w_norm > 0) & (d_norm > 0),
                                 group["trust_coefficient"] * w_norm / d_norm.clamp_min(1e-30), torch.ones_like(w_norm))
-            torch._foreach_mul_(d, list((trust * group["lr"]).to(grads[0].dtype).unbind()))
+            torch._foreach_addcmul_(bufs, d, list((trust * group["lr"]).to(d[0].dtype).unbind()))
         else:
-            torch._foreach_mul_(d, group["lr"])
-        # v = momentum * v + lr * trust * d, computed into d, which then becomes the buffer (one pass fewer)
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
-        if all(b is not None for b in bufs):
-            torch._foreach_add_(d, bufs, alpha=group["momentum"])
-        for p, v in zip(params, d):
-            self.state[p]["momentum_buffer"] = v
-        torch._foreach_sub_(params, d)
+            torch._foreach_add_(bufs, d, alpha=group["lr"])
+        torch._foreach_sub_(params, bufs)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
