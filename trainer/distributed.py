@@ -5,6 +5,8 @@ import contextlib
 import datetime
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +55,7 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def _store(world: WorldInfo, timeout: datetime.timedelta) -> dist.Store:
+def _store(world: WorldInfo, timeout: datetime.timedelta, client_only: bool = False) -> dist.Store:
     """The rendezvous store, under a prefix unique to this restart round.
 
     torchrun keeps one TCP store across restart rounds (its agent's store, shared with the workers), so the
@@ -65,9 +67,51 @@ def _store(world: WorldInfo, timeout: datetime.timedelta) -> dist.Store:
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT", "29500"))
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(addr, port, world.world_size, is_master=world.rank == 0 and not agent_hosts_store,
+    host = world.rank == 0 and not agent_hosts_store and not client_only
+    store = dist.TCPStore(addr, port, world.world_size, is_master=host,
                           timeout=timeout, wait_for_workers=False, multi_tenant=True)
     return dist.PrefixStore(f"simclr/round{world.restart_count}/", store)
+
+
+_STORE: dist.Store | None = None  # this round's store: also carries each rank's heartbeat
+_PROGRESS = {"step": 0}  # the step this rank is at, published by the heartbeat thread (no store op per step)
+_HEARTBEAT_S = 2.0
+
+
+def set_progress(step: int) -> None:
+    _PROGRESS["step"] = step
+
+
+def _heartbeat_loop(store: dist.Store, rank_: int, stop: threading.Event) -> None:
+    """Every few seconds: 'time step' under heartbeat/<rank>. A stopped or dead process stops beating."""
+    while not stop.wait(_HEARTBEAT_S):
+        try:
+            store.set(f"heartbeat/{rank_}", f"{time.time():.3f} {_PROGRESS['step']}")
+        except Exception:  # noqa: BLE001 - the store may go away at shutdown
+            return
+
+
+def progress_report(world: WorldInfo) -> str:
+    """Which ranks still beat and where they are, e.g. 'rank 1 silent for 14 s (last at step 55): dead or hung'."""
+    if _STORE is None or world.world_size == 1:
+        return ""
+    now, parts, silent = time.time(), [], []
+    try:
+        for r in range(world.world_size):
+            key = f"heartbeat/{r}"
+            if not _STORE.check([key]):
+                parts.append(f"rank {r}: no heartbeat yet")
+                silent.append(r)
+                continue
+            stamp, step = _STORE.get(key).decode().split()
+            age = now - float(stamp)
+            parts.append(f"rank {r}: step {step}, last heartbeat {age:.0f} s ago")
+            if age > 3 * _HEARTBEAT_S:
+                silent.append(r)
+    except Exception:  # noqa: BLE001 - the store itself may be gone with the failed job
+        return ""
+    verdict = f"; silent (dead or hung): rank {', '.join(map(str, silent))}" if silent else ""
+    return "; ".join(parts) + verdict
 
 
 def init(world: WorldInfo, device_preference: str = "auto", timeout_s: int = 1800) -> DistContext:
@@ -78,14 +122,34 @@ def init(world: WorldInfo, device_preference: str = "auto", timeout_s: int = 180
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, store=_store(world, timeout), rank=world.rank,
+    global _STORE
+    _STORE = _store(world, timeout)
+    dist.init_process_group(backend, store=_STORE, rank=world.rank,
                             world_size=world.world_size, timeout=timeout, **kwargs)
+    if world.world_size > 1:
+        _start_heartbeat(world, timeout)
     return DistContext(world.rank, world.local_rank, world.world_size, device, backend, world.restart_count)
 
 
+_HEARTBEAT_STOP: threading.Event | None = None
+
+
+def _start_heartbeat(world: WorldInfo, timeout: datetime.timedelta) -> None:
+    """A daemon thread with its own store connection (the main thread may be blocked in a collective)."""
+    global _HEARTBEAT_STOP
+    store = _store(world, timeout, client_only=True)
+    _HEARTBEAT_STOP = threading.Event()
+    threading.Thread(target=_heartbeat_loop, args=(store, world.rank, _HEARTBEAT_STOP), daemon=True,
+                     name="heartbeat").start()
+
+
 def shutdown() -> None:
+    global _STORE
+    if _HEARTBEAT_STOP is not None:
+        _HEARTBEAT_STOP.set()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _STORE = None
 
 
 @contextlib.contextmanager
@@ -96,7 +160,11 @@ def process_group(world: WorldInfo, device_preference: str = "auto", timeout_s: 
         yield ctx
     except BaseException as err:
         if not isinstance(err, (KeyboardInterrupt, SystemExit)):
-            print(f"[rank {world.rank}] failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            message = f"[rank {world.rank}] failed: {type(err).__name__}: {err}"
+            if "timed out" in str(err).lower() or "timeout" in str(err).lower():
+                message += (f"\n[rank {world.rank}] a collective did not complete within dist_timeout_s={timeout_s}: "
+                            f"{progress_report(world) or 'another rank is dead or hung'}")
+            print(message, file=sys.stderr, flush=True)
         raise
     finally:
         shutdown()

@@ -187,6 +187,7 @@ def _loop(cfg, ctx, log, data, model, train_model, step_fn, loss_fn, optimizer, 
             sums += torch.stack([torch.nan_to_num(loss), top1, bad.float()])
             progress.step += 1
             progress.step_in_epoch += 1
+            distributed.set_progress(progress.step)
             timer.steps += 1
             interval_end = progress.step % cfg.log_every_n_steps == 0 or progress.step == stop_step
             if interval_end:

@@ -123,3 +123,22 @@ def test_torn_latest_checkpoint_resumes_from_previous(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert latest.name in again.stderr and "unreadable" in again.stderr
     assert "resumed from" in again.stdout and "ckpt_000000002.pt at step 2" in again.stdout
+
+
+def test_hung_rank_ends_the_job_naming_it(tmp_path):
+    proc = subprocess.Popen(torchrun("--standalone", "--nproc_per_node=2", *RUN, "epochs=50", "dist_timeout_s=8",
+                                     f"output_dir={tmp_path}"),
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 240, proc)
+        time.sleep(3)  # a heartbeat or two
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        hung = sorted(workers)[-1]
+        os.kill(int(hung), signal.SIGSTOP)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "did not complete within dist_timeout_s=8" in output
+    assert re.search(r"silent \(dead or hung\): rank \d", output), output[-3000:]
