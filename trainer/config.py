@@ -87,6 +87,8 @@ class DatasetConfig:
             raise ConfigError(f"dataset.loader={self.loader!r}: choose memory, torchvision or ffcv")
         if self.loader == "memory" and self.name not in ("digits", "synthetic"):
             raise ConfigError(f"dataset.loader=memory holds only digits or synthetic; use torchvision or ffcv for {self.name}")
+        if self.name == "synthetic" and self.loader != "memory":
+            raise ConfigError("dataset.name=synthetic exists only in memory: use dataset.loader=memory")
         if not 0.0 <= self.valid_size < 1.0:
             raise ConfigError(f"dataset.valid_size={self.valid_size}: must be in [0, 1)")
         if self.num_workers < 0:
@@ -206,6 +208,9 @@ class Config:
             raise ConfigError(f"batch_size={self.batch_size} (global) is not divisible by the world size "
                               f"{world_size}: use a multiple of {world_size}")
         needs_path = self.dataset.name not in ("digits", "synthetic") or self.dataset.loader == "ffcv"
+        if self.dataset.loader == "ffcv" and self.dataset.path and not self.dataset.path.endswith(".beton"):
+            raise ConfigError(f"dataset.path={self.dataset.path}: dataset.loader=ffcv reads a .beton file made by "
+                              "`python -m data.prepare`")
         if needs_path:
             if not self.dataset.path:
                 raise ConfigError(f"dataset.path is empty: dataset.name={self.dataset.name} with "

@@ -54,27 +54,44 @@ def _in_memory(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     return synthetic_images(cfg.dataset.synthetic_size, size, seed=cfg.seed)
 
 
-def _valid_loader(images, indices, per_rank_batch: int, cfg: Config, ctx: DistContext):
-    """Validation loader over the held-out indices, its batch shrunk to fit; None when too few images."""
-    batch = min(per_rank_batch, len(indices) // ctx.world_size)
-    if batch < 2:
-        return None
-    return MemoryTwoViewLoader(images, batch, cfg.dataset.image_size, ctx.rank, ctx.world_size,
-                               seed=cfg.seed + 1, indices=indices, scale=(cfg.dataset.crop_min_scale, 1.0))
+def _two_view_loader(cfg: Config, ctx: DistContext, indices, batch_size: int, seed: int, images=None, source=None):
+    d = cfg.dataset
+    common = dict(batch_size=batch_size, image_size=d.image_size, rank=ctx.rank, world_size=ctx.world_size,
+                  seed=seed, indices=indices)
+    scale = (d.crop_min_scale, 1.0)
+    if d.loader == "memory":
+        return MemoryTwoViewLoader(images, device=ctx.device, scale=scale, **common)
+    if d.loader == "torchvision":
+        from data.torchvision_loader import TorchvisionTwoViewLoader
+        return TorchvisionTwoViewLoader(source, num_workers=d.num_workers, device=ctx.device, scale=scale, **common)
+    from data.ffcv_loader import FFCVTwoViewLoader
+    return FFCVTwoViewLoader(d.path, num_workers=max(1, d.num_workers), device=ctx.device, scale=scale, **common)
 
 
 def build_pretrain_data(cfg: Config, ctx: DistContext) -> PretrainData:
+    """Loaders over the training pool (minus the held-out valid_size split) and, for digits/synthetic, the
+    labeled split whose test part pretraining never sees."""
+    d = cfg.dataset
     per_rank_batch = cfg.batch_size // ctx.world_size
-    if cfg.dataset.loader != "memory":
-        raise NotImplementedError(f"dataset.loader={cfg.dataset.loader}: not available in this build")
-    images, labels = _in_memory(cfg)
-    # The probe's test images are never seen in pretraining, not even unlabeled.
-    pool, test = stratified_split(labels, cfg.eval.test_fraction, seed=cfg.seed)
-    train_rel, valid_rel = split_indices(len(pool), cfg.dataset.valid_size, seed=cfg.seed)
+    images = source = labeled = pool = None
+    if d.name in ("digits", "synthetic"):
+        images, labels = _in_memory(cfg)
+        pool, test = stratified_split(labels, cfg.eval.test_fraction, seed=cfg.seed)
+        labeled = LabeledSplit(images[pool], labels[pool], images[test], labels[test])
+        count = len(images)
+    if d.loader == "torchvision":
+        from data.sources import open_source
+        source = open_source(d.name, d.path or None, d.split)
+        count = len(source)
+    elif d.loader == "ffcv":
+        from data.ffcv_loader import beton_size
+        count = beton_size(d.path)
+    pool = torch.arange(count) if pool is None else pool
+    train_rel, valid_rel = split_indices(len(pool), d.valid_size, seed=cfg.seed)
     train_idx, valid_idx = pool[train_rel], pool[valid_rel]
-    scale = (cfg.dataset.crop_min_scale, 1.0)
-    train = MemoryTwoViewLoader(images, per_rank_batch, cfg.dataset.image_size, ctx.rank, ctx.world_size,
-                                seed=cfg.seed, indices=train_idx, scale=scale)
-    valid = _valid_loader(images, valid_idx, per_rank_batch, cfg, ctx) if len(valid_idx) else None
-    labeled = LabeledSplit(images[pool], labels[pool], images[test], labels[test])
+    train = _two_view_loader(cfg, ctx, train_idx, per_rank_batch, cfg.seed, images, source)
+    valid = None
+    valid_batch = min(per_rank_batch, len(valid_idx) // ctx.world_size)
+    if valid_batch >= 2:  # the validation loss needs at least one pair of negatives per rank
+        valid = _two_view_loader(cfg, ctx, valid_idx, valid_batch, cfg.seed + 1, images, source)
     return PretrainData(train, valid, build_augment(cfg), labeled)

@@ -1,0 +1,82 @@
+"""Two-view loader without FFCV: PIL decode + random-resized crop + flip in DataLoader workers, DistributedSampler."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from data.sources import as_rgb_array
+
+
+class _EpochSampler(Sampler):
+    """Yields (epoch, index) so that workers (persistent ones too) know which epoch a sample belongs to."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _TwoViews(Dataset):
+    def __init__(self, source, indices, image_size: int, seed: int, scale, ratio):
+        from torchvision.transforms import v2
+
+        self.source, self.indices, self.seed = source, indices, seed
+        self.transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(image_size, scale, ratio, antialias=True),
+                                     v2.RandomHorizontalFlip()])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        epoch, i = item
+        image, _ = self.source[int(self.indices[i])]
+        from PIL import Image
+
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(as_rgb_array(image))
+        pil = pil.convert("RGB")
+        with torch.random.fork_rng(devices=[]):  # crops from (seed, epoch, index): independent of workers
+            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF)
+            return self.transform(pil), self.transform(pil)
+
+
+class TorchvisionTwoViewLoader:
+    """Yields (view1, view2) uint8 [batch_size, 3, S, S] for this rank: the fallback when FFCV is unavailable.
+
+    Same distribution as the FFCV loader (random-resized crop + flip per view; color work happens on the
+    device). Order: DistributedSampler(shuffle, seed, drop_last) per epoch; crops: a pure function of
+    (seed, epoch, sample), so resumed runs and any worker count see the same batches.
+    """
+
+    def __init__(self, dataset, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_workers: int = 0, device: torch.device | str = "cpu", indices=None,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+        views = _TwoViews(dataset, indices, image_size, seed, scale, ratio)
+        self.sampler = _EpochSampler(DistributedSampler(views, num_replicas=world_size, rank=rank, shuffle=True,
+                                                        seed=seed, drop_last=True))
+        self.device = torch.device(device)
+        self.loader = DataLoader(views, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+                                 drop_last=True, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=num_workers > 0)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(indices)} images cannot fill one batch of {batch_size} on {world_size} ranks")
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(epoch)
+        for step, (view1, view2) in enumerate(self.loader):
+            if step >= start_step:  # skipped batches are still decoded: resume costs part of an epoch
+                yield view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True)
