@@ -1,5 +1,4 @@
 """Batched device augmentations against torchvision's functional ops, per sample, on real photographs."""
-import math
 
 import pytest
 import torch

@@ -1,11 +1,11 @@
 """Whole runs through the entry point: exact resume, non-finite loss, and torchrun with 2 processes end to end."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from trainer import checkpoint
@@ -75,3 +75,20 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     losses = events.Scalars("train/loss")
     assert [e.step for e in losses] == [2, 4] and all(e.value > 0 for e in losses)
     assert (out / "config.yaml").is_file()
+
+
+def test_torchrun_two_processes_on_a_prepared_beton(tmp_path):
+    if importlib.util.find_spec("ffcv") is None:
+        raise AssertionError("FFCV is missing: the test command installs it (bash launch/install.sh --ffcv)")
+    beton = tmp_path / "digits.beton"
+    prep = subprocess.run([sys.executable, "-m", "data.prepare", "--dataset", "digits", "--out", str(beton),
+                           "--num-workers", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.main",
+           "--config", "configs/quickstart.yaml", f"output_dir={out}", "dataset.loader=ffcv", f"dataset.path={beton}",
+           "dataset.num_workers=1", "max_steps=3", "batch_size=32", "log_every_n_steps=1", "eval.final_probe=false"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(checkpoint.list_checkpoints(out)[-1], weights_only=True)["step"] == 3
