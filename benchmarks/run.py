@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     jobs = {"step": lambda: step_suite(ctx, scale),
             "loss": lambda: loss.run(args.device, scale != "full", batches=[256] if scale == "tiny" else None),
             "optimizer": lambda: optimizer.run(args.device, "resnet18" if scale == "tiny" else "resnet50",
-                                               rounds={"tiny": 1, "quick": 3, "full": 5}[scale]),
+                                               rounds={"tiny": 1, "quick": 7, "full": 9}[scale]),
             "large_batch": lambda: large_batch_fresh_process(16 if scale == "tiny" else 32, lb_batch, lb_chunk,
                                                              str(ctx.device), 1 if scale == "tiny" else 2),
             "comm": lambda: comm.run(quick=scale != "full"),
