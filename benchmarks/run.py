@@ -56,6 +56,7 @@ def step_suite(ctx, scale: str) -> dict:
     variants["amp_off"] = dict(amp="off", channels_last=True)
     if cuda:
         variants["channels_last_off"] = dict(amp="auto", channels_last=False)
+        variants["compile"] = dict(amp="auto", channels_last=True, compile_model=True)
     rows = []
     for name, opts in variants.items():
         rows.append({"variant": name, "per_device_batch": batches[len(batches) // 2],

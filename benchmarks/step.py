@@ -20,7 +20,7 @@ from trainer.step import resolve_amp, train_step
 
 
 def measure(ctx, base_model: str, image_size: int, per_rank_batch: int, amp: str, channels_last: bool,
-            rounds: int) -> dict:
+            rounds: int, compile_model: bool = False) -> dict:
     device = ctx.device
     amp_dtype = resolve_amp(amp, device)
     torch.manual_seed(0)
@@ -28,6 +28,8 @@ def measure(ctx, base_model: str, image_size: int, per_rank_batch: int, amp: str
     memory_format = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
     model.to(memory_format=memory_format)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        ddp = torch.compile(ddp)
     x1, x2 = (torch.randn(per_rank_batch, 3, image_size, image_size, device=device)
               .contiguous(memory_format=memory_format) for _ in range(2))
     optimizer = LARS(param_groups(model, 1e-6), lr=0.1, weight_decay=1e-6)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).parents[2]
-SCRIPTS = sorted((REPO / "launch").glob("*.sh")) + [REPO / "launch" / "slurm.sbatch", REPO / ".ci" / "run"]
+SCRIPTS = sorted((REPO / "launch").glob("*.sh")) + [REPO / "launch" / "slurm.sbatch", REPO / ".ci" / "run",
+                                                    REPO / "benchmarks" / "gpu.sh"]
 
 
 def tool(name: str) -> str:
