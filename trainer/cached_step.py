@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from trainer.loss import NTXentLoss
+from trainer.step import apply_gradients
 
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -70,11 +71,7 @@ def cached_train_step(model: nn.Module, loss_fn: NTXentLoss, optimizer: torch.op
                 out = model(chunk)
             out.float().backward(z_grad[start:start + len(chunk)])
         start += len(chunk)
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    apply_gradients(model, optimizer, scaler, grad_clip)
     return loss.detach(), top1
 
 

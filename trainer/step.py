@@ -24,9 +24,15 @@ def train_step(model: nn.Module, loss_fn: NTXentLoss, optimizer: torch.optim.Opt
     loss, top1 = loss_fn(*z.float().chunk(2), return_accuracy=True)  # fp32 logits
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # DDP all-reduces (averages) gradients here
+    apply_gradients(model, optimizer, scaler, grad_clip)
+    return loss.detach(), top1
+
+
+def apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    grad_clip: float) -> None:
+    """Unscale (fp16), clip the global gradient norm if asked, step (skipped by the scaler on inf), update."""
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach(), top1
