@@ -106,6 +106,21 @@ def measure(root: Path, beton: Path, size: int, batch: int, workers: int, device
     return out
 
 
+def workers_sweep(beton: Path, size: int, batch: int, budget_s: float) -> dict:
+    """FFCV two-view samples/s for 1, 2, 4, ... worker threads up to the CPU count, and the fastest."""
+    import os
+
+    from data.ffcv_loader import FFCVTwoViewLoader
+
+    rates, workers = {}, 1
+    while workers <= (os.cpu_count() or 1):
+        loader = FFCVTwoViewLoader(str(beton), batch, size, num_workers=workers, seed=0)
+        epochs = iter(range(10 ** 6))
+        rates[workers] = _rate(lambda: loader.batches(next(epochs)), batch, budget_s)
+        workers *= 2
+    return {"samples_per_s": rates, "fastest_workers": max(rates, key=rates.get)}
+
+
 def run(quick: bool = True, device: str = "cpu", workers: int = 2) -> dict:
     from data.prepare import prepare
 
@@ -118,6 +133,7 @@ def run(quick: bool = True, device: str = "cpu", workers: int = 2) -> dict:
         prepare("imagefolder", beton, str(root), write_mode="jpg", max_resolution=400, num_workers=workers)
         for size in (96, 224):
             results[f"{size}px"] = measure(root, beton, size, 64, workers, dev, budget)
+        results["ffcv_workers_sweep_96px"] = workers_sweep(beton, 96, 64, budget / 2)
     return {"benchmark": "loader", "environment": environment(),
             "config": {"device": str(dev), "workers": workers, "images": count, "quick": quick},
             "results": results, "goals": "a >= 3x b and a >= 0.5x c on CPU; on GPU d >= 10x the step's views/s"}

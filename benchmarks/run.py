@@ -187,6 +187,19 @@ def summary(results: dict, env: dict) -> str:
         lines += [f"- {r['op']} {r.get('global_batch', '')}: {r['s'] * 1e3:.2f} ms, {r['algbw_gb_s']:.2f} GB/s"
                   for r in results["comm"]["results"]["rows"]]
         lines.append("")
+    if "loader" in results and "96px" in results["loader"].get("results", {}):
+        lr = results["loader"]["results"]
+        lines += ["## Loader (samples/s as two views)"]
+        for size in ("96px", "224px"):
+            r = lr[size]
+            lines.append(f"- {size}: FFCV {r['a_ffcv_two_views']:.0f}, torchvision + full augmentation "
+                         f"{r['b_torchvision_full_augmentation']:.0f}, JPEG decode {r['c_jpeg_decode_only']:.0f}, "
+                         f"device augment {r['d_device_augment_views_per_s']:.0f} views/s")
+        lines.append("")
+    if "step" in results or "loader" in results:
+        batch = results.get("step", {}).get("fastest_fitting_batch")
+        workers = results.get("loader", {}).get("results", {}).get("ffcv_workers_sweep_96px", {}).get("fastest_workers")
+        lines += ["## Tuning", f"- fastest setting here: per-device batch {batch}, loader workers {workers}", ""]
     if "end_to_end" in results:
         e = results["end_to_end"]
         lines += ["## End to end (quickstart, 1 process)", f"- {e['steps_per_s']:.2f} steps/s, "
