@@ -1,34 +1,58 @@
 # SimCLR trainer on CUDA GPUs.
-#   docker build -t simclr-trainer .
-#   DATA_DIR=/data OUTPUT_DIR=$PWD/runs bash launch/docker_run.sh --config configs/stl10_r18.yaml
-# or directly:
-#   docker run --rm --gpus all --ipc=host -v /data:/data -v $PWD/runs:/workspace/runs simclr-trainer \
-#     torchrun --standalone --nproc_per_node=gpu -m trainer.main --config configs/stl10_r18.yaml
 #
-# Base: CUDA 13.0 runtime, the CUDA line of the pinned torch==2.14.1 wheels (+cu130; the wheels bring their
-# own cuDNN/NCCL, the image brings the driver-facing runtime). The install steps are launch/install.sh, the
-# same script the README's commands and CI run.
-FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04
+#   docker build -t simclr-trainer .
+#   bash launch/docker_run.sh --config configs/stl10_r18.yaml dataset.path=/data/stl10_train_unlabeled.beton
+# or by hand (what docker_run.sh runs, less the environment pass-through):
+#   docker run --rm --init --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
+#     -v "$PWD/data:/data" -v "$PWD/runs:/workspace/runs" simclr-trainer \
+#     torchrun --standalone --nproc_per_node=gpu -m trainer.main --config configs/stl10_r18.yaml
+# Without arguments the container runs the CPU/GPU quickstart (scikit-learn's digits, no data needed).
+#
+# Base image: the official PyTorch image of the pinned torch, so the install below keeps the image's torch and
+# torchvision instead of downloading a second copy. Its tags read <torch>-cuda<CUDA>-cudnn<major>-runtime:
+# the first part must equal the torch==X.Y.Z pin in setup.cfg (checked below), the CUDA part is the CUDA line
+# of that torch release's default wheels (torch 2.14.1 wheels are +cu130: CUDA 13.0, cuDNN 9). After a pin
+# change, pass the new tag with --build-arg BASE_IMAGE=pytorch/pytorch:<torch>-cuda<CUDA>-cudnn9-runtime.
+# The host needs an NVIDIA driver for CUDA 13 and the NVIDIA container toolkit (for --gpus).
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
+FROM ${BASE_IMAGE}
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
-    VENV_DIR=/opt/venv \
-    PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
     OMP_NUM_THREADS=1
 
-# Python itself; install.sh adds FFCV's libraries (pkg-config, libturbojpeg, OpenCV) and the package.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+WORKDIR /workspace
+
+# A C++ compiler for FFCV's extension (the runtime image has none); install.sh adds the libraries it links.
+# Versions come from the base image's Ubuntu release; exact Debian pins would break at every point release.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential git \
+    && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 
-WORKDIR /workspace
-COPY . /workspace
-RUN bash launch/install.sh --ffcv \
+# Dependencies first, from the packaging files and the package roots only, so that editing the code does not
+# rebuild FFCV. The install is the shared script the README runs (--system: this image's Python, no venv).
+COPY setup.cfg pyproject.toml README.md ./
+COPY launch/install.sh launch/install.sh
+COPY trainer/__init__.py trainer/__init__.py
+COPY data/__init__.py data/__init__.py
+RUN python -c "import re, torch; pin = re.search(r'torch==([0-9.]+)', open('setup.cfg').read()).group(1); \
+have = torch.__version__.split('+')[0]; \
+assert have == pin, f'base image has torch {have}, setup.cfg pins torch=={pin}: build with --build-arg BASE_IMAGE=pytorch/pytorch:{pin}-cuda<CUDA>-cudnn9-runtime'" \
+    && bash launch/install.sh --system --ffcv \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 1000 trainer \
-    && mkdir -p /workspace/runs \
-    && chown -R trainer:trainer /workspace
+    && python -c "import cv2, ffcv, torchvision"
 
-USER 1000:1000
-CMD ["torchrun", "--standalone", "--nproc_per_node=gpu", "-m", "trainer.main", "--config", "configs/quickstart.yaml"]
+COPY . .
+# A numeric, non-root user (10001: clear of the base image's uid 1000) that orchestrators can verify.
+RUN useradd --create-home --shell /bin/bash --uid 10001 --user-group trainer \
+    && mkdir -p runs \
+    && chown trainer:trainer runs \
+    && python -c "import trainer.main, data.augment"
+USER 10001:10001
+
+# Any command line replaces this one, e.g. `torchrun --standalone --nproc_per_node=gpu -m trainer.main --config ...`.
+CMD ["bash", "launch/single_node.sh", "--config", "configs/quickstart.yaml"]

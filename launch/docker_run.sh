@@ -1,22 +1,95 @@
 #!/usr/bin/env bash
-# Runs the trainer in the container on this node's GPUs:
-#   docker build -t simclr-trainer .
-#   DATA_DIR=/data OUTPUT_DIR=$PWD/runs bash launch/docker_run.sh --config configs/stl10_r18.yaml
-# Environment: IMAGE (default simclr-trainer:latest), DATA_DIR (mounted at /data), OUTPUT_DIR (mounted at
-# /workspace/runs: checkpoints survive the container), NPROC (default: all GPUs); NCCL_* variables pass through.
+# Runs the trainer in the container image on this machine's GPUs (build it first: docker build -t simclr-trainer .).
+#
+#   DATA_DIR=/datasets bash launch/docker_run.sh --config configs/imagenet_r50_b8192_1node.yaml
+#   bash launch/docker_run.sh --config configs/stl10_r18.yaml dataset.path=/data/stl10_train_unlabeled.beton
+#
+# Arguments go to `torchrun ... -m trainer.main` in the container (working directory /workspace, the repo).
+# Rerunning the same command resumes from the checkpoints in OUTPUT_DIR.
+#
+# Environment:
+#   IMAGE           image to run (default simclr-trainer:latest)
+#   DATA_DIR        host directory mounted at /data (default ./data when it exists); point dataset.path at
+#                   /data/... (the imagenet configs already read /data/imagenet_train.beton)
+#   OUTPUT_DIR      host directory mounted at /workspace/runs, where the configs' output_dir (runs/<name>)
+#                   lands (default ./runs): checkpoints outlive the container. A config of your own placed
+#                   there is --config runs/<file>.yaml inside.
+#   GPUS            docker's --gpus value (default: all, or the devices in CUDA_VISIBLE_DEVICES when set);
+#                   GPUS= (empty) runs on CPU
+#   NPROC           processes (default: one per GPU the container sees; 1 on CPU)
+#   DOCKER_USER     uid:gid in the container (default: yours, so the files in OUTPUT_DIR belong to you);
+#                   DOCKER_USER= (empty) keeps the image's non-root user
+#   STOP_TIMEOUT_S  seconds `docker stop` waits (after SIGTERM) for the final checkpoint (default 150)
+#   SHUTDOWN_TIMEOUT_S, MAX_RESTARTS   as in launch/single_node.sh and launch/multi_node.sh
+#   CONTAINER_NAME  optional --name, to `docker stop` it by name
+#   MASTER_ADDR, NNODES [MASTER_PORT, NODE_RANK, RDZV_ID]   several nodes: run this on every node, as with
+#                   launch/multi_node.sh; the container then uses the host's network
+#   Passed into the container when set: NCCL_*, GLOO_*, TORCH_* (except TORCH_HOME, TORCH_EXTENSIONS_DIR),
+#   TORCHELASTIC_*, PYTORCH_*, OMP_NUM_THREADS, CUDA_LAUNCH_BLOCKING, LOGLEVEL, PYTHONFAULTHANDLER.
 set -euo pipefail
 
 image="${IMAGE:-simclr-trainer:latest}"
-data_dir="${DATA_DIR:-$PWD/data}"
-output_dir="${OUTPUT_DIR:-$PWD/runs}"
-mkdir -p "$output_dir"
-env_args=()
-while IFS='=' read -r name _; do
-  env_args+=(-e "$name")
-done < <(env | grep -E '^NCCL_' || true)
 
-exec docker run --rm --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
-  -v "$data_dir":/data -v "$output_dir":/workspace/runs \
-  "${env_args[@]}" \
-  "$image" \
-  torchrun --standalone --nproc_per_node="${NPROC:-gpu}" -m trainer.main "$@"
+# --- mounts --------------------------------------------------------------------------------------------
+mounts=()
+if [ -n "${DATA_DIR:-}" ]; then
+  if [ ! -d "$DATA_DIR" ]; then
+    echo "docker_run.sh: DATA_DIR=$DATA_DIR is not a directory" >&2
+    exit 2
+  fi
+  mounts+=(-v "$(cd "$DATA_DIR" && pwd):/data")
+elif [ -d data ]; then
+  mounts+=(-v "$PWD/data:/data")
+fi
+output_dir="${OUTPUT_DIR:-runs}"
+mkdir -p "$output_dir"  # created by docker instead, it would belong to root
+mounts+=(-v "$(cd "$output_dir" && pwd):/workspace/runs")
+
+# --- devices, user, environment ------------------------------------------------------------------------
+if [ -n "${GPUS+set}" ]; then
+  gpus="$GPUS"
+elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  gpus="\"device=$CUDA_VISIBLE_DEVICES\""
+else
+  gpus=all
+fi
+docker_args=(--rm --init --ipc=host --ulimit memlock=-1 --ulimit stack=67108864
+  --stop-timeout "${STOP_TIMEOUT_S:-150}")
+if [ -n "$gpus" ]; then
+  docker_args+=(--gpus "$gpus")
+  nproc_per_node="${NPROC:-gpu}"
+else
+  nproc_per_node="${NPROC:-1}"
+fi
+docker_user="${DOCKER_USER-$(id -u):$(id -g)}"
+if [ -n "$docker_user" ]; then
+  docker_args+=(--user "$docker_user" -e HOME=/tmp)  # a uid without a passwd entry would get HOME=/
+fi
+if [ -n "${CONTAINER_NAME:-}" ]; then
+  docker_args+=(--name "$CONTAINER_NAME")
+fi
+while IFS= read -r name; do
+  case "$name" in
+    TORCH_HOME | TORCH_EXTENSIONS_DIR) ;;  # host paths
+    NCCL_* | GLOO_* | TORCH_* | TORCHELASTIC_* | PYTORCH_* | OMP_NUM_THREADS | CUDA_LAUNCH_BLOCKING | LOGLEVEL | PYTHONFAULTHANDLER)
+      docker_args+=(-e "$name") ;;
+  esac
+done < <(compgen -e)
+
+# --- torchrun: one node (standalone) or several (c10d rendezvous on MASTER_ADDR) -------------------------
+if [ -n "${MASTER_ADDR:-}" ]; then
+  : "${NNODES:?set NNODES (the number of nodes) together with MASTER_ADDR}"
+  docker_args+=(--network=host)  # NCCL and the rendezvous talk to the other nodes directly
+  rdzv_args=(--nnodes="$NNODES" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}"
+    --rdzv-id="${RDZV_ID:-simclr}" --max-restarts="${MAX_RESTARTS:-3}")
+  if [ -n "${NODE_RANK:-}" ]; then
+    rdzv_args+=(--node-rank="$NODE_RANK")
+  fi
+else
+  rdzv_args=(--standalone --max-restarts="${MAX_RESTARTS:-0}")
+fi
+
+exec docker run "${docker_args[@]}" "${mounts[@]}" "$image" \
+  torchrun "${rdzv_args[@]}" \
+  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT_S:-120}" \
+  --nproc_per_node="$nproc_per_node" -m trainer.main "$@"

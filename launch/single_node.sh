@@ -1,23 +1,74 @@
 #!/usr/bin/env bash
-# One node, one process per GPU (or NPROC processes on CPU):
+# One node: one trainer process per GPU (or NPROC processes on CPU), torchrun's standalone rendezvous.
+#
 #   bash launch/single_node.sh --config configs/stl10_r18.yaml [dotted.key=value ...]
+#
+# Arguments go to `python -m trainer.main` unchanged; relative paths in them (the config, output_dir) are
+# relative to the directory you run this from, as with torchrun itself. Rerunning the same command resumes
+# from the newest checkpoint in output_dir. SIGTERM or SIGUSR1 to this process (it becomes torchrun):
+# every rank finishes its step, rank 0 writes a checkpoint, the workers exit with 143.
+#
 # Environment:
-#   NPROC            processes (default: the number of GPUs nvidia-smi lists, else 1)
-#   OMP_NUM_THREADS  CPU threads per process (default 1 with GPUs, else cores / NPROC)
-#   TORCHRUN         the torchrun to use (default: torchrun on PATH, else .venv/bin/torchrun)
+#   NPROC               processes on this node (default: the GPUs visible here, from CUDA_VISIBLE_DEVICES
+#                       when it is set, else `nvidia-smi -L`; 1 without GPUs)
+#   OMP_NUM_THREADS     CPU threads per process (default: 1 with GPUs, else cores / NPROC, at least 1)
+#   MAX_RESTARTS        restarts of the whole worker group after a worker fails; each restart resumes from the
+#                       newest checkpoint (default 0)
+#   SHUTDOWN_TIMEOUT_S  seconds torchrun gives the workers to checkpoint after a stop signal before SIGKILL
+#                       (default 120)
+#   TORCHRUN            the torchrun to run (default: the repo's .venv/bin/torchrun when it exists, else the
+#                       torchrun on PATH)
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-gpus=0
-if command -v nvidia-smi >/dev/null 2>&1; then
-  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+repo_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# This checkout's trainer, whatever the working directory (relative paths in the arguments stay yours).
+export PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}"
+
+# Visible GPUs: CUDA_VISIBLE_DEVICES wins (a scheduler may have narrowed it), then nvidia-smi.
+gpu_count() {
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    case "$CUDA_VISIBLE_DEVICES" in
+      "" | -*) echo 0 ;;
+      *) tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . ;;
+    esac
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+
+find_torchrun() {
+  local venv_torchrun="${VENV_DIR:-$repo_dir/.venv}/bin/torchrun"
+  if [ -n "${TORCHRUN:-}" ]; then
+    echo "$TORCHRUN"
+  elif [ -x "$venv_torchrun" ]; then
+    echo "$venv_torchrun"
+  elif command -v torchrun >/dev/null 2>&1; then
+    command -v torchrun
+  else
+    echo "single_node.sh: torchrun not found: run 'bash launch/install.sh' or set TORCHRUN" >&2
+    return 1
+  fi
+}
+
+gpus=$(gpu_count)
+nproc_per_node="${NPROC:-$((gpus > 0 ? gpus : 1))}"
+if ! [[ "$nproc_per_node" =~ ^[1-9][0-9]*$ ]]; then
+  echo "single_node.sh: NPROC='$nproc_per_node' must be a positive integer" >&2
+  exit 2
 fi
-nproc_per_node="${NPROC:-$(( gpus > 0 ? gpus : 1 ))}"
 if [ "$gpus" -gt 0 ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 else
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / nproc_per_node > 0 ? $(nproc) / nproc_per_node : 1 ))}"
+  cores=$(nproc 2>/dev/null || echo 1)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((cores / nproc_per_node > 0 ? cores / nproc_per_node : 1))}"
 fi
-torchrun_bin="${TORCHRUN:-$(command -v torchrun || echo .venv/bin/torchrun)}"
+torchrun_bin=$(find_torchrun)
 
-exec "$torchrun_bin" --standalone --nproc_per_node="$nproc_per_node" -m trainer.main "$@"
+# SIGUSR1 is not among the signals torchrun forwards by default; without it a USR1 would kill torchrun.
+exec "$torchrun_bin" \
+  --max-restarts="${MAX_RESTARTS:-0}" \
+  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+  --shutdown-timeout="${SHUTDOWN_TIMEOUT_S:-120}" \
+  --standalone --nproc_per_node="$nproc_per_node" -m trainer.main "$@"
