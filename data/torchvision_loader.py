@@ -9,6 +9,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from data.sources import as_rgb_array
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1/SIGINT to their rank: torchrun and SLURM signal whole process groups, and
+    a worker killed by the stop signal would fail the rank instead of letting it checkpoint."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _EpochSampler(Sampler):
     """Yields (epoch, index) so that workers (persistent ones too) know which epoch a sample belongs to."""
 
@@ -67,7 +76,7 @@ class TorchvisionTwoViewLoader:
         self.device = torch.device(device)
         self.loader = DataLoader(views, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
                                  drop_last=True, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=num_workers > 0)
+                                 persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(indices)} images cannot fill one batch of {batch_size} on {world_size} ranks")

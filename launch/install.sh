@@ -28,6 +28,9 @@ done
 
 # --- Debian packages FFCV builds against (JPEG decode, OpenCV resize) ------------------------
 apt_packages=(pkg-config libturbojpeg0-dev libopencv-dev)
+for arg in "$@"; do  # FFCV compiles a C++ extension: slim images (e.g. a CUDA runtime base) have no compiler
+  if [ "$arg" = "--ffcv" ]; then apt_packages+=(g++); fi
+done
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
