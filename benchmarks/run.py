@@ -250,7 +250,8 @@ def main(argv=None) -> int:
             writer.writerow([name.split(".")[0], name, value])
     plots = plot(results, folder)
     (folder / "summary.md").write_text(summary(results, env) + "\n" + "".join(f"\n![{p}]({p})\n" for p in plots))
-    print(f"wrote {folder}", file=sys.stderr)
+    tuning = [line for line in summary(results, env).splitlines() if line.startswith("- fastest setting")]
+    print(f"wrote {folder}" + (f"\n{tuning[0][2:]}" if tuning else ""), file=sys.stderr)
     return 0
 
 
