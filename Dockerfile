@@ -1,11 +1,12 @@
 # SimCLR trainer on CUDA GPUs.
 #
-#   docker build -t simclr-trainer .
-#   bash launch/docker_run.sh --config configs/stl10_r18.yaml dataset.path=/data/stl10_train_unlabeled.beton
+#   docker build -t simclr-trainer . && bash launch/docker_run.sh --config configs/stl10_r18.yaml
+# (docker_run.sh mounts ./data at /data and its .beton files under /workspace/data/, ./runs at /workspace/runs.)
 # or by hand (what docker_run.sh runs, less the environment pass-through):
 #   docker run --rm --init --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
 #     -v "$PWD/data:/data" -v "$PWD/runs:/workspace/runs" simclr-trainer \
-#     torchrun --standalone --nproc_per_node=gpu -m trainer.main --config configs/stl10_r18.yaml
+#     torchrun --standalone --nproc_per_node=gpu -m trainer.main --config configs/stl10_r18.yaml \
+#     dataset.path=/data/stl10_train_unlabeled.beton
 # Without arguments the container runs the CPU/GPU quickstart (scikit-learn's digits, no data needed).
 #
 # Base image: the official PyTorch image of the pinned torch, so the install below keeps the image's torch and
@@ -14,6 +15,8 @@
 # of that torch release's default wheels (torch 2.14.1 wheels are +cu130: CUDA 13.0, cuDNN 9). After a pin
 # change, pass the new tag with --build-arg BASE_IMAGE=pytorch/pytorch:<torch>-cuda<CUDA>-cudnn9-runtime.
 # The host needs an NVIDIA driver for CUDA 13 and the NVIDIA container toolkit (for --gpus).
+# The image's Python is conda's (not marked externally managed), so install.sh --system can pip-install into it; on a bare
+# nvidia/cuda Ubuntu 24.04 base the system Python would need PIP_BREAK_SYSTEM_PACKAGES=1 and a second torch.
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Runs the trainer in the container image on this machine's GPUs (build it first: docker build -t simclr-trainer .).
 #
+#   bash launch/docker_run.sh --config configs/stl10_r18.yaml        # reads ./data/stl10_train_unlabeled.beton
 #   DATA_DIR=/datasets bash launch/docker_run.sh --config configs/imagenet_r50_b8192_1node.yaml
-#   bash launch/docker_run.sh --config configs/stl10_r18.yaml dataset.path=/data/stl10_train_unlabeled.beton
 #
 # Arguments go to `torchrun ... -m trainer.main` in the container (working directory /workspace, the repo).
 # Rerunning the same command resumes from the checkpoints in OUTPUT_DIR.
 #
 # Environment:
 #   IMAGE           image to run (default simclr-trainer:latest)
-#   DATA_DIR        host directory mounted at /data (default ./data when it exists); point dataset.path at
-#                   /data/... (the imagenet configs already read /data/imagenet_train.beton)
+#   DATA_DIR        host directory mounted at /data (default ./data when it exists; the imagenet configs read
+#                   /data/imagenet_train.beton); its .beton files and subdirectories also appear read-only
+#                   under /workspace/data/, so the configs' data/<file> paths work unchanged
 #   OUTPUT_DIR      host directory mounted at /workspace/runs, where the configs' output_dir (runs/<name>)
 #                   lands (default ./runs): checkpoints outlive the container. A config of your own placed
 #                   there is --config runs/<file>.yaml inside.
@@ -32,14 +33,29 @@ image="${IMAGE:-simclr-trainer:latest}"
 
 # --- mounts --------------------------------------------------------------------------------------------
 mounts=()
+data_dir=""
 if [ -n "${DATA_DIR:-}" ]; then
   if [ ! -d "$DATA_DIR" ]; then
     echo "docker_run.sh: DATA_DIR=$DATA_DIR is not a directory" >&2
     exit 2
   fi
-  mounts+=(-v "$(cd "$DATA_DIR" && pwd):/data")
+  data_dir=$(cd "$DATA_DIR" && pwd)
 elif [ -d data ]; then
-  mounts+=(-v "$PWD/data:/data")
+  data_dir="$PWD/data"
+fi
+if [ -n "$data_dir" ]; then
+  mounts+=(-v "$data_dir:/data")
+  # The configs name their data relative to the repo (data/stl10_train_unlabeled.beton, data/stl10); in the
+  # image data/ is the Python package, so each .beton and data directory is also mounted into it, read-only.
+  for entry in "$data_dir"/*; do
+    name=$(basename "$entry")
+    case "$name" in
+      __pycache__ | *:* | *,*) continue ;;
+    esac
+    if { [ -f "$entry" ] && [[ "$name" == *.beton ]]; } || [ -d "$entry" ]; then
+      mounts+=(-v "$entry:/workspace/data/$name:ro")
+    fi
+  done
 fi
 output_dir="${OUTPUT_DIR:-runs}"
 mkdir -p "$output_dir"  # created by docker instead, it would belong to root

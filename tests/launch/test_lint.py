@@ -204,6 +204,9 @@ def test_docker_run_command(fakes, tmp_path):
     env, log, _ = fakes
     data, out = tmp_path / "datasets", tmp_path / "out"
     data.mkdir()
+    (data / "stl10_train_unlabeled.beton").touch()
+    (data / "stl10").mkdir()
+    (data / "notes.txt").touch()
     env = {**env, "DATA_DIR": str(data), "OUTPUT_DIR": str(out), "NCCL_DEBUG": "INFO", "TORCH_HOME": "/host"}
     proc = run("docker_run.sh", ["--config", "configs/stl10_r18.yaml", "epochs=1"], env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -214,6 +217,10 @@ def test_docker_run_command(fakes, tmp_path):
                  f"{os.getuid()}:{os.getgid()}"):
         assert part in words, part
     assert words[words.index("--gpus") + 1] == "all"
+    # the configs' relative data/<file> paths resolve inside the image (where data/ is the Python package)
+    assert f"{data}/stl10_train_unlabeled.beton:/workspace/data/stl10_train_unlabeled.beton:ro" in words
+    assert f"{data}/stl10:/workspace/data/stl10:ro" in words
+    assert not [w for w in words if "notes.txt" in w]
     assert "TORCH_HOME" not in words and "--network=host" not in words
     assert line.endswith("torchrun --standalone --max-restarts=0 "
                          "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=120 "
