@@ -1,237 +1,307 @@
 """SimCLR augmentations batched on the images' device, each sample with its own random parameters.
 
-Brightness, contrast, saturation and grayscale are linear maps of a pixel's RGB vector: each is a per-sample
-3x3 matrix (plus, for contrast, a per-sample offset). Hue is an exact HSV shift, as torchvision's and SimCLR's
-(a YIQ rotation would be one more matrix, but differs from HSV by 0.08 mean absolute at hue 0.1 on real
-photographs). The four jitter ops in a random order per sample cost four positions of (one matrix pass, one
-hue pass): at position k every sample applies the op it drew for position k, the others an identity.
-Blur is a separable Gaussian with per-sample sigma as a grouped convolution. No host syncs.
+Every op is one vectorized pass over the batch with per-sample parameter tensors (no Python loop over samples)
+and reproduces torchvision's float kernel for the same parameters (tests/data/test_augment.py states the
+tolerances). No host syncs: no `.item()`, no Python branch on tensor values, host-to-device copies from pinned
+memory without blocking.
+
+Randomness: every draw comes from `generator`, on the generator's own device (a CPU generator with CUDA images,
+or a generator on the images' device; None: the default generator of the images' device). The draws are then
+moved to the images' device. The same generator state gives the same output.
+
+Color jitter in a random order per sample without computing hue four times: a sample's order is (blends before
+hue, hue, blends after hue), where the blends (brightness, contrast, saturation) are cheap. So three blend
+positions run before one hue pass and three after; at each position a sample applies the op of its order
+there, or an exact identity.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, the constants of torchvision's rgb_to_grayscale
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # op ids as torchvision ColorJitter's fn_idx
+CROP_TRIES = 10
+CPU_CHUNK_BYTES = 2 << 20  # float32 pixels per chunk on the CPU
 
 
 # ----------------------------------------------------------------------------- randomness
-def _uniform(shape, low, high, generator, device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(shape, generator=generator, device=gen_device).to(device)
-    return low + (high - low) * u
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Moves a small tensor; CPU -> CUDA through pinned memory without blocking the host (other directions block,
+    as they must before the host reads the values)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
-def _bernoulli(shape, p: float, generator, device) -> torch.Tensor:
-    return _uniform(shape, 0.0, 1.0, generator, device) < p
+def uniform(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """float32 U[0, 1) drawn on the generator's device (`device` when None), returned on `device`."""
+    source = generator.device if generator is not None else device
+    return to_device(torch.rand(shape, generator=generator, device=source), device)
 
 
-# ----------------------------------------------------------------------------- per-sample color matrices
-def _eye(batch: int, device) -> torch.Tensor:
-    return torch.eye(3, device=device).expand(batch, 3, 3)
+# ----------------------------------------------------------------------------- color ops, per-sample factors
+def _per_sample(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return to_device(torch.as_tensor(factor), x.device).to(x.dtype).view(-1, 1, 1, 1)
 
 
-def brightness_matrix(factor: torch.Tensor) -> torch.Tensor:
-    return factor.view(-1, 1, 1) * _eye(len(factor), factor.device)
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W] grayscale, the same float ops as torchvision's rgb_to_grayscale."""
+    r, g, b = x.unbind(dim=1)
+    return r.mul(LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(1)
 
 
-def saturation_matrix(factor: torch.Tensor) -> torch.Tensor:
-    """factor * x + (1 - factor) * gray(x), as torchvision's adjust_saturation (before clamping)."""
-    gray = torch.tensor(LUMA, device=factor.device).view(1, 1, 3).expand(len(factor), 3, 3)
-    f = factor.view(-1, 1, 1)
-    return f * _eye(len(factor), factor.device) + (1 - f) * gray
+def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample a where mask [B] else b, exactly (lerp with weight 0 or 1; much faster than torch.where on CPU)."""
+    return torch.lerp(b, a, mask.view(-1, *[1] * (a.dim() - 1)).to(a.dtype))
 
 
-def grayscale_matrix(batch: int, device) -> torch.Tensor:
-    return torch.tensor(LUMA, device=device).view(1, 1, 3).expand(batch, 3, 3)
+def blend(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """clamp(f * x + (1 - f) * other) per sample, other = 0 (op BRIGHTNESS), the mean of the grayscale image
+    (CONTRAST) or the grayscale image (SATURATION), as torchvision's _blend; any other op id: identity."""
+    op = to_device(op, x.device).view(-1, 1, 1, 1)
+    f = torch.where((op >= BRIGHTNESS) & (op <= SATURATION), _per_sample(factor, x), 1.0)
+    gray = luma(x)
+    mean_weight = (op == CONTRAST) * (1.0 - f) * gray.mean(dim=(2, 3), keepdim=True)  # [B, 1, 1, 1]
+    other = torch.addcmul(mean_weight, gray, (op == SATURATION) * (1.0 - f))  # (1 - f) * other, exactly
+    return torch.addcmul(other, x, f).clamp_(0.0, 1.0)
 
 
-def apply_color(images: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """images [B, 3, H, W] in [0, 1]; out[b] = clamp(matrix[b] @ pixel + offset[b])."""
-    out = torch.einsum("bij,bjhw->bihw", matrix.to(images.dtype), images)
-    if offset is not None:
-        out = out + offset.view(-1, 1, 1, 1).to(images.dtype)
-    return out.clamp_(0.0, 1.0)
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return blend(x, torch.full_like(torch.as_tensor(factor), BRIGHTNESS, dtype=torch.long), factor)
 
 
-def gray_mean(images: torch.Tensor) -> torch.Tensor:
-    """Per-image mean of the grayscale image (torchvision's contrast reference), [B]."""
-    luma = torch.tensor(LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images * luma).sum(dim=1).mean(dim=(1, 2))
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return blend(x, torch.full_like(torch.as_tensor(factor), CONTRAST, dtype=torch.long), factor)
 
 
-def adjust_brightness(images, factor):
-    return apply_color(images, brightness_matrix(factor))
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return blend(x, torch.full_like(torch.as_tensor(factor), SATURATION, dtype=torch.long), factor)
 
 
-def adjust_contrast(images, factor):
-    return apply_color(images, brightness_matrix(factor), (1 - factor) * gray_mean(images))
+def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """Per-sample HSV hue shift (hue in [-0.5, 0.5] of a turn), as torchvision's adjust_hue.
 
-
-def adjust_saturation(images, factor):
-    return apply_color(images, saturation_matrix(factor))
-
-
-def adjust_hue(images: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
-    """Per-sample hue shift in HSV space (hue in [-0.5, 0.5] of a full turn), as torchvision's adjust_hue.
-
-    Value (max) and chroma (max - min) are unchanged by a hue shift, so only the hue angle is computed:
-    6h = 2 * (index of the max channel) + (next channel - the one after) / chroma, and back to RGB with
-    channel n (R=5, G=3, B=1) = max - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6.
+    A hue shift keeps value (max) and chroma (max - min), so only the angle is computed: 6h = 2 * (index of the
+    max channel) + (next channel - the one after) / chroma, and back with channel n (R=5, G=3, B=1) =
+    max - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6 (the closed form of HSV -> RGB).
     """
-    r, g, b = images.unbind(dim=1)
-    maxc = images.amax(dim=1)
-    chroma = maxc - images.amin(dim=1)
-    is_r = r == maxc  # ties go to R, then G, as torchvision
-    is_g = (g == maxc) & ~is_r
-    following = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
-    base = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
-    sixth = following.div_(torch.where(chroma > 0, chroma, 1.0)).add_(base)
-    sixth = sixth.add_(6.0 * hue.view(-1, 1, 1).to(images.dtype)).unsqueeze(1)
-    n = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + sixth, 6.0)  # min(k, 4 - k) = 2 - |k - 2|
-    weight = k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
-    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * weight
+    r, g, b = x.unbind(dim=1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    is_r = (r == maxc).to(x.dtype)  # ties go to R, then G, as torchvision
+    is_g = (g == maxc).to(x.dtype).mul_(1.0 - is_r)
+    following = torch.lerp(torch.lerp(r - g, b - r, is_g), g - b, is_r)  # exact selects
+    base = is_r.mul_(-4.0).sub_(is_g, alpha=2.0).add_(4.0).add_(_per_sample(hue, x).view(-1, 1, 1), alpha=6.0)
+    sixth = following.div_(chroma.clamp(min=torch.finfo(x.dtype).tiny)).add_(base)  # chroma 0: following is 0
+    out = torch.empty_like(x)
+    for channel, n in enumerate((5.0, 3.0, 1.0)):
+        k = sixth + n
+        k = k.sub_(torch.floor(k * (1.0 / 6.0)), alpha=6.0)  # k mod 6 (the weight is continuous across 0 ~ 6)
+        weight = k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)  # min(k, 4 - k) = 2 - |k - 2|
+        torch.addcmul(maxc, chroma, weight, value=-1.0, out=out[:, channel])
+    return out
 
 
-def to_grayscale(images):
-    return apply_color(images, grayscale_matrix(len(images), images.device))
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x [B, 3, H, W] in [0, 1]; factors [B, 4] (brightness, contrast, saturation, hue); order [B, 4], a
+    permutation of the op ids per sample. Equals applying each sample's four ops in its order."""
+    order = to_device(order, x.device)
+    factors = to_device(factors, x.device).to(x.dtype)
+    hue_at = (order == HUE).int().argmax(dim=1, keepdim=True)  # [B, 1]
+    positions = torch.arange(4, device=x.device)
+    before = torch.where(positions < hue_at, order, -1)  # blends before the hue shift, -1: identity
+    after = torch.where(positions > hue_at, order, -1)
+    for ops in [before[:, p] for p in range(3)]:
+        x = blend(x, ops, factors.gather(1, ops.clamp(0, 2).view(-1, 1)))
+    x = adjust_hue(x, factors[:, HUE])
+    for ops in [after[:, p] for p in range(1, 4)]:
+        x = blend(x, ops, factors.gather(1, ops.clamp(0, 2).view(-1, 1)))
+    return x
 
 
-# ----------------------------------------------------------------------------- blur, solarize
-def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """[B, k] normalized 1-D Gaussian kernels, as torchvision's _get_gaussian_kernel1d."""
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """3-channel grayscale, as torchvision's rgb_to_grayscale(num_output_channels=3)."""
+    return luma(x).expand_as(x)
+
+
+def blur_kernel_size(side: int) -> int:
+    """About 10% of the side, odd (SimCLR's choice: 9 at 96 px, 23 at 224 px)."""
+    return max(3, int(0.1 * side) // 2 * 2 + 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with per-sample sigma (grouped convolutions), reflect padding, as torchvision."""
+    b, c, h, w = x.shape
     half = (kernel_size - 1) * 0.5
-    x = torch.linspace(-half, half, kernel_size, device=sigma.device)
-    k = torch.exp(-0.5 * (x.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    return k / k.sum(dim=1, keepdim=True)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Separable blur with per-sample sigma (grouped convolution), reflect padding as torchvision."""
-    b, c, h, w = images.shape
-    kernels = gaussian_kernels(sigma, kernel_size).to(images.dtype).repeat_interleave(c, dim=0)  # [B*C, k]
+    t = torch.linspace(-half, half, kernel_size, device=x.device, dtype=x.dtype).view(1, -1)
+    k = torch.exp(-0.5 * (t / _per_sample(sigma, x).view(-1, 1)) ** 2)
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [B * C, k]
     pad = kernel_size // 2
-    x = F.pad(images.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
-    x = F.conv2d(x, kernels.view(b * c, 1, 1, kernel_size), groups=b * c)
-    x = F.conv2d(x, kernels.view(b * c, 1, kernel_size, 1), groups=b * c)
-    return x.view(b, c, h, w)
+    y = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, 1, kernel_size), groups=b * c)
+    y = F.conv2d(y, k.view(b * c, 1, kernel_size, 1), groups=b * c)
+    return y.view(b, c, h, w)
 
 
-def solarize(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    return torch.where(images >= threshold, 1.0 - images, images)
+def solarize(x: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    return torch.where(x >= threshold, 1.0 - x, x)
 
 
-# ----------------------------------------------------------------------------- the pipeline
+# ----------------------------------------------------------------------------- the color pipeline
+@dataclass
+class AugmentParams:
+    """Per-sample parameters of one SimCLRAugment call, all [B] or [B, 4] on the images' device."""
+    jitter: torch.Tensor  # bool: color jitter applied
+    factors: torch.Tensor  # brightness, contrast, saturation, hue
+    order: torch.Tensor  # the jitter ops' order, a permutation of BRIGHTNESS..HUE
+    grayscale: torch.Tensor  # bool
+    blur: torch.Tensor  # bool
+    sigma: torch.Tensor  # the blur's sigma
+    solarize: torch.Tensor  # bool
+
+
 class SimCLRAugment:
-    """uint8 (or [0, 1] float) [B, 3, H, W] -> float32 normalized, SimCLR's color pipeline per sample.
+    """uint8 (or [0, 1] float) [B, 3, H, W] -> float32 normalized [B, 3, H, W] on the same device.
 
-    Color jitter (brightness, contrast, saturation 0.8*s, hue 0.2*s; random order per sample) with prob
-    jitter_prob, grayscale with grayscale_prob, Gaussian blur (kernel ~10% of the side, sigma in [0.1, 2])
-    with blur_prob, solarization with solarize_prob, then normalization. Random numbers come from
-    `generator` (on any device; they are moved to the images' device), so a seed reproduces the output.
+    Color jitter (brightness, contrast, saturation 0.8*s, hue 0.2*s; the four ops in a random order per sample)
+    with prob jitter_prob, grayscale with grayscale_prob, Gaussian blur (kernel ~10% of the side, sigma in
+    [0.1, 2]) with blur_prob, solarization (threshold 0.5) with solarize_prob, then (x - mean) / std.
     """
 
     def __init__(self, strength: float = 1.0, jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
                  blur_prob: float = 0.0, solarize_prob: float = 0.0, mean=(0.485, 0.456, 0.406),
                  std=(0.229, 0.224, 0.225)):
+        if not 0.0 <= strength <= 2.5:
+            raise ValueError(f"strength={strength}: must be in [0, 2.5] (hue 0.2 * strength is at most half a turn)")
         self.strength, self.jitter_prob, self.grayscale_prob = strength, jitter_prob, grayscale_prob
         self.blur_prob, self.solarize_prob = blur_prob, solarize_prob
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def jitter_params(self, batch: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(factors [B, 4]: brightness, contrast, saturation, hue; order [B, 4]: op index per position);
-        samples that skip jitter get identity factors."""
-        s = self.strength
-        spans = torch.tensor([0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s], device=device)
-        low = torch.cat([(1 - spans[:3]).clamp_min(0), -spans[3:]])
-        high = torch.cat([1 + spans[:3], spans[3:]])
-        factors = low + (high - low) * _uniform((batch, 4), 0.0, 1.0, generator, device)
-        keep = _bernoulli((batch, 1), self.jitter_prob, generator, device)
-        identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
-        order = _uniform((batch, 4), 0.0, 1.0, generator, device).argsort(dim=1)
-        return torch.where(keep, factors, identity), order
+    def sample(self, batch: int, generator: torch.Generator | None, device: torch.device) -> AugmentParams:
+        """Draws every sample's parameters from the ranges of torchvision's transforms, in a fixed order (factors,
+        jitter, order, grayscale, then sigma and blur only when blur_prob > 0, solarize only when > 0)."""
+        def draw(*shape):
+            return uniform(shape, generator, device)
 
-    def color_jitter(self, images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        """At each of the 4 positions: every sample applies the op it drew there (identity for the others)."""
-        batch = len(images)
-        matrices = torch.stack([brightness_matrix(factors[:, 0]), brightness_matrix(factors[:, 1]),
-                                saturation_matrix(factors[:, 2]), _eye(batch, images.device)], dim=1)  # [B, 4, 3, 3]
-        rows = torch.arange(batch, device=images.device)
-        zeros = torch.zeros_like(factors[:, 0])
-        for position in range(4):
-            op = order[:, position]
-            offset = torch.where(op == 1, (1 - factors[:, 1]) * gray_mean(images), zeros)
-            images = apply_color(images, matrices[rows, op], offset)
-            images = adjust_hue(images, torch.where(op == 3, factors[:, 3], zeros))
-        return images
+        low, high, hue = max(0.0, 1 - 0.8 * self.strength), 1 + 0.8 * self.strength, 0.2 * self.strength
+        u = draw(batch, 4)
+        factors = torch.cat([low + (high - low) * u[:, :3], hue * (2 * u[:, 3:] - 1)], dim=1)
+        jitter, order, gray = draw(batch) < self.jitter_prob, draw(batch, 4).argsort(dim=1), draw(batch)
+        sigma, blur = (draw(batch), draw(batch)) if self.blur_prob > 0 else (torch.ones(batch, device=device),) * 2
+        solarize = draw(batch) if self.solarize_prob > 0 else torch.ones(batch, device=device)
+        return AugmentParams(jitter=jitter, factors=factors, order=order, grayscale=gray < self.grayscale_prob,
+                             blur=blur < self.blur_prob, sigma=0.1 + 1.9 * sigma,
+                             solarize=solarize < self.solarize_prob)
+
+    def apply(self, images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+        """The pipeline with given parameters. On the CPU it runs in chunks of a few MiB of pixels, which stay in
+        cache across the ~40 elementwise passes (~3x faster than whole-batch passes on an idle CPU; on a CPU
+        oversubscribed by other processes the many small multi-threaded ops stall at thread barriers: use one
+        torch thread there, as torchrun does with several ranks per node). Elsewhere in one piece."""
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+        step = len(images) if images.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // (4 * images[0].numel()))
+        for i in range(0, len(images), step):
+            rows = slice(i, i + step)
+            out[rows] = self._apply(images[rows], AugmentParams(*(getattr(p, f.name)[rows] for f in fields(p))))
+        return out
+
+    def _apply(self, images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        x = select(p.jitter, color_jitter(x, p.factors, p.order), x)
+        x = blend(x, torch.where(p.grayscale, SATURATION, -1), torch.zeros_like(p.sigma))  # saturation 0: gray
+        if self.blur_prob > 0:  # a Python float: no sync
+            x = select(p.blur, gaussian_blur(x, p.sigma, blur_kernel_size(min(x.shape[-2:]))), x)
+        if self.solarize_prob > 0:
+            x = select(p.solarize, solarize(x), x)
+        mean, std = self._normalization(x.device)
+        return x.sub_(mean).div_(std)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        device = images.device
-        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-        batch, _, height, _ = x.shape
-        x = self.color_jitter(x, *self.jitter_params(batch, generator, device))
-        gray = _bernoulli((batch,), self.grayscale_prob, generator, device).view(-1, 1, 1)
-        x = apply_color(x, torch.where(gray, grayscale_matrix(batch, device), _eye(batch, device)))
-        if self.blur_prob > 0:
-            kernel_size = max(3, int(0.1 * height) // 2 * 2 + 1)
-            sigma = _uniform((batch,), 0.1, 2.0, generator, device)
-            blur = _bernoulli((batch,), self.blur_prob, generator, device)
-            sigma = torch.where(blur, sigma, torch.full_like(sigma, 1e-3))  # ~ a delta kernel: no blur
-            x = gaussian_blur(x, sigma, kernel_size)
-        if self.solarize_prob > 0:
-            flip = _bernoulli((batch, 1, 1, 1), self.solarize_prob, generator, device)
-            x = torch.where(flip, solarize(x), x)
-        return (x - self.mean.to(device)) / self.std.to(device)
+        return self.apply(images, self.sample(len(images), generator, images.device))
+
+    def _normalization(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._stats:  # a blocking copy, once per device (not per call)
+            self._stats[device] = (self.mean.to(device), self.std.to(device))
+        return self._stats[device]
 
 
 # ----------------------------------------------------------------------------- geometry
-def crop_boxes(batch: int, height: int, width: int, generator, device, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-               tries: int = 10) -> torch.Tensor:
-    """[B, 4] boxes (top, left, h, w) drawn like torchvision's RandomResizedCrop.get_params, vectorized over
-    the batch and the 10 tries; samples with no valid try get torchvision's center-crop fallback."""
-    area = height * width
-    target = area * _uniform((batch, tries), scale[0], scale[1], generator, device)
-    log_r = _uniform((batch, tries), math.log(ratio[0]), math.log(ratio[1]), generator, device)
-    aspect = torch.exp(log_r)
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = valid.float().argmax(dim=1, keepdim=True)  # first valid try (0 when none: masked below)
+def _boxes(batch: int, height: int, width: int, generator, device, scale, ratio) -> torch.Tensor:
+    """[B, 4] int64 (top, left, h, w) as torchvision's RandomResizedCrop.get_params: the first of 10 tries that
+    fits, else its center-crop fallback. Draws: areas, aspect ratios (both [B, 10]), tops, lefts ([B])."""
+    t = CROP_TRIES
+    u = torch.cat([uniform((batch, t), generator, device), uniform((batch, t), generator, device),
+                   uniform((batch, 1), generator, device), uniform((batch, 1), generator, device)], dim=1).double()
+    target = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :t])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, t:2 * t])
+    w, h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # 0 when none fits: replaced below
     h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
-    top = torch.floor(_uniform((batch,), 0.0, 1.0, generator, device) * (height - h + 1))
-    left = torch.floor(_uniform((batch,), 0.0, 1.0, generator, device) * (width - w + 1))
-    in_ratio = width / height
-    if in_ratio < min(ratio):
+    top = torch.floor(u[:, 2 * t] * (height - h + 1))  # float64: u < 1 keeps it below height - h + 1
+    left = torch.floor(u[:, 2 * t + 1] * (width - w + 1))
+    if width / height < min(ratio):
         fw, fh = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        fh, fw = height, round(height * max(ratio))
+    elif width / height > max(ratio):
+        fw, fh = round(height * max(ratio)), height
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], device=device, dtype=h.dtype)
-    boxes = torch.stack([top, left, h, w], dim=1)
-    return torch.where(valid.any(dim=1, keepdim=True), boxes, fallback)
+    any_fits = fits.any(dim=1)
+    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+    return torch.stack([torch.where(any_fits, v, f) for v, f in zip((top, left, h, w), fallback)], dim=1).long()
 
 
-def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of each sample's box to size x size (area-averaged when shrinking), float out."""
-    from torchvision.ops import roi_align
+def crop_boxes(batch: int, height: int, width: int, generator: torch.Generator | None = None,
+               device=torch.device("cpu"), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """[B, 4] int64 (top, left, h, w): torchvision's RandomResizedCrop boxes, vectorized over samples and tries."""
+    return _boxes(batch, height, width, generator, device, scale, ratio)
 
-    b = len(images)
-    top, left, h, w = boxes.to(torch.float32).unbind(1)
-    rois = torch.stack([torch.arange(b, device=images.device, dtype=torch.float32), left, top, left + w, top + h], 1)
-    return roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """[B, out_size, in_size]: the weights of torch's antialiased bilinear resize (F.interpolate(antialias=True):
+    a triangle filter widened by the shrink factor; plain bilinear when enlarging) of each sample's window
+    [start, start + length) of an axis, as a matrix. Outside the window the weight is 0 (crop, then resize)."""
+    start, length = start.float().view(-1, 1, 1), length.float().view(-1, 1, 1)
+    scale = length / out_size
+    inv_support = torch.where(scale >= 1.0, 1.0 / scale, 1.0)
+    center = scale * (torch.arange(out_size, device=start.device).view(1, -1, 1) + 0.5)
+    j = torch.arange(in_size, device=start.device).view(1, 1, -1) - start  # index inside the window
+    w = (1.0 - ((j + 0.5 - center) * inv_support).abs()).clamp_(min=0.0) * ((j >= 0) & (j < length))
+    return w / w.sum(dim=2, keepdim=True)
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """[B, C, H, W] -> float [B, C, size, size]: each sample's box (top, left, h, w) resized as torchvision's
+    resized_crop(antialias=True), then mirrored where `flip`: two batched matmuls, Rows @ image @ Cols^T."""
+    b, c, height, width = images.shape
+    top, left, h, w = to_device(boxes, images.device).unbind(dim=1)
+    rows = resize_weights(top, h, height, size)  # [B, size, H]
+    cols = resize_weights(left, w, width, size)  # [B, size, W]
+    if flip is not None:
+        cols = torch.where(to_device(flip, images.device).view(-1, 1, 1), cols.flip(1), cols)
+    # rows first on an [B, H, C * W] layout, so both products are plain bmm (no broadcast copies)
+    x = torch.empty(b, height, c, width, dtype=torch.float32, device=images.device)
+    x = x.copy_(images.permute(0, 2, 1, 3)).view(b, height, c * width)
+    y = torch.bmm(torch.bmm(rows, x).view(b, size * c, width), cols.transpose(1, 2))  # [B, size * C, size]
+    return y.view(b, size, c, size).permute(0, 2, 1, 3).contiguous()
 
 
 def random_resized_crop_flip(images: torch.Tensor, size: int, generator: torch.Generator | None = None,
                              scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> uint8 [B, C, size, size]: a random-resized crop per sample, then a horizontal flip
-    with probability flip_prob."""
+    """uint8 [B, C, H, W] -> uint8 [B, C, size, size] (float in -> float out): a random-resized crop per sample
+    (torchvision's box distribution and antialiased bilinear resize), then a horizontal flip with flip_prob."""
     b, _, height, width = images.shape
-    boxes = crop_boxes(b, height, width, generator, images.device, scale, ratio)
-    out = resized_crops(images, boxes, size)
-    flip = _bernoulli((b, 1, 1, 1), flip_prob, generator, images.device)
-    out = torch.where(flip, out.flip(-1), out)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    boxes = _boxes(b, height, width, generator, images.device, scale, ratio)
+    out = resized_crop(images, boxes, size, uniform((b,), generator, images.device) < flip_prob)
+    if images.dtype == torch.uint8:
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+    return out
