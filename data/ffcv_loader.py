@@ -1,11 +1,18 @@
-"""Two-view FFCV loader: each stored image decoded with two independent random-resized crops + flips (uint8 out)."""
+"""Two-view FFCV loader: each stored image decoded with two independent, seeded random-resized crops + flips (uint8)."""
 from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
+from torch.utils.data import DistributedSampler
 
 INSTALL_HINT = "FFCV is not installed: run `bash launch/install.sh --ffcv` (or `pip install -e .[ffcv]`)"
+
+# splitmix64 constants: a counter-based generator, so every crop is a pure function of its key (no RNG state)
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_FLIP_DRAW = 40  # draws 0..39: up to 10 crop attempts of 4 uniforms each (as torchvision and FFCV)
 
 
 def _import_ffcv():
@@ -13,6 +20,22 @@ def _import_ffcv():
 
     if importlib.util.find_spec("ffcv") is None:
         raise ImportError(INSTALL_HINT)
+
+
+def _mix(x):
+    """splitmix64 finalizer on a uint64 (wraps modulo 2**64)."""
+    x = (x ^ (x >> _S30)) * _MIX1
+    x = (x ^ (x >> _S27)) * _MIX2
+    return x ^ (x >> _S31)
+
+
+def _uniform(key, n):
+    """The n-th uniform in [0, 1) of the stream `key` (uint64)."""
+    x = key + np.uint64(n + 1) * _GOLDEN
+    x = (x ^ (x >> _S30)) * _MIX1
+    x = (x ^ (x >> _S27)) * _MIX2
+    x = x ^ (x >> _S31)
+    return np.float64(x >> _S11) * (1.0 / 9007199254740992.0)
 
 
 def beton_size(path: str) -> int:
@@ -23,53 +46,160 @@ def beton_size(path: str) -> int:
     return int(Reader(str(path)).num_samples)
 
 
+def _seeded_decoder(output_size: int, scale, ratio, stream: int):
+    """FFCV's RandomResizedCropRGBImageDecoder with the crop and a horizontal flip drawn from a key per sample.
+
+    FFCV 1.0.2 draws crops (and RandomHorizontalFlip its flips) from numba's per-thread global state, which no
+    seed reaches: crops would differ between runs and with the thread count. Here the key of a sample is
+    mix(stream, the batch's sample ids in order, its slot): the order is a function of (seed, epoch), so the
+    crops are too (any num_workers, any resume point), and the two views differ by their `stream`.
+    """
+    from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.compiler import Compiler
+
+    class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
+        def generate_code(self):
+            jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
+            imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+            mix_c, crop_c = Compiler.compile(_mix), Compiler.compile(_crop_flip_generator(Compiler.compile(_uniform)))
+            scale_a, ratio_a = np.array(self.scale), np.array(self.ratio)
+            with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+                base = _mix(np.uint64(stream))
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                batch_key = base
+                for k in range(len(batch_indices)):
+                    batch_key = mix_c(batch_key ^ np.uint64(batch_indices[k]))
+                for dst_ix in my_range(len(batch_indices)):
+                    field = metadata[batch_indices[dst_ix]]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        image = buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    else:
+                        image = image_data.reshape(height, width, 3)
+                    key = mix_c(batch_key + np.uint64(dst_ix) * np.uint64(0x632BE59BD9B4E019))
+                    i, j, h, w, flip = crop_c(height, width, scale_a, ratio_a, key)
+                    out = destination[dst_ix]
+                    resize_crop_c(image, i, i + h, j, j + w, out)
+                    if flip:
+                        side = out.shape[1]
+                        for r in range(out.shape[0]):
+                            for c in range(side // 2):
+                                for ch in range(3):
+                                    out[r, c, ch], out[r, side - 1 - c, ch] = out[r, side - 1 - c, ch], out[r, c, ch]
+                return destination[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return SeededCropFlipDecoder((output_size, output_size), tuple(scale), tuple(ratio))
+
+
+def _crop_flip_generator(uniform):
+    """get_random_crop of FFCV 1.0.2 (torchvision's algorithm) with draws from `uniform(key, n)`, plus a flip."""
+
+    def crop_flip(height, width, scale, ratio, key):
+        area, log_ratio = height * width, np.log(ratio)
+        flip = uniform(key, _FLIP_DRAW) < 0.5
+        for attempt in range(10):
+            target_area = area * (scale[0] + (scale[1] - scale[0]) * uniform(key, 4 * attempt))
+            aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * uniform(key, 4 * attempt + 1))
+            w, h = int(round(np.sqrt(target_area * aspect))), int(round(np.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                i = int(uniform(key, 4 * attempt + 2) * (height - h + 1))
+                j = int(uniform(key, 4 * attempt + 3) * (width - w + 1))
+                return i, j, h, w, flip
+        in_ratio = float(width) / float(height)  # fallback: the central crop of the closest allowed ratio
+        w, h = int(width), int(height)
+        if in_ratio < min(ratio):
+            h = int(round(w / min(ratio)))
+        elif in_ratio > max(ratio):
+            w = int(round(h * max(ratio)))
+        return (int(height) - h) // 2, (int(width) - w) // 2, h, w, flip
+
+    return crop_flip
+
+
+class _ShardOrder:
+    """torch's DistributedSampler(shuffle, seed, drop_last=True) over `indices`, for explicit rank/world_size.
+
+    Replaces FFCV 1.0.2's distributed order, which pads the last rank with repeated samples (drop_last=False)
+    and takes rank and world size from an initialized torch.distributed group. Same order as the torchvision
+    loader for the same seed.
+    """
+
+    def __init__(self, indices: np.ndarray, rank: int, world_size: int, seed: int):
+        self.indices = indices
+        self.sampler = DistributedSampler(range(len(indices)), num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        self.sampler.set_epoch(epoch)
+        return self.indices[np.fromiter(self.sampler, dtype=np.int64, count=len(self.sampler))]
+
+
 class FFCVTwoViewLoader:
     """Yields (view1, view2) uint8 [batch_size, 3, S, S] for this rank from a .beton written by data.prepare.
 
-    Both views come from one stored image: two pipelines on the 'image' field, each FFCV's
-    RandomResizedCropRGBImageDecoder (decode + crop + resize in one step) and RandomHorizontalFlip. Sample
-    order: random per epoch from `seed` (FFCV's distributed mode emulates DistributedSampler and needs the
-    torch.distributed process group, which the trainer starts first), drop_last. On CUDA the views are copied
-    to the device non-blocking. FFCV 1.0.2 draws crop parameters from numba's global random state, so the crops
-    (not the order) differ between runs; `start_step` skips batches of the epoch for a resumed run.
+    One FFCV Loader, two pipelines on the one stored 'image' field ('image' and 'image2', FFCV's custom field
+    mapping): each decodes, random-resized-crops (scale, ratio) and flips in one numba pass, seeded per sample
+    (see _seeded_decoder), so a (seed, epoch) gives the same batches on every run and thread count. Order: with
+    order='random', this rank's shard is torch's DistributedSampler(shuffle, seed, drop_last=True) with explicit
+    rank/world_size (no process group needed); 'quasi_random' (FFCV's, for data larger than RAM with
+    os_cache=False) is single-rank only in FFCV 1.0.2. On CUDA the views are copied to the device non-blocking.
+    batches() yields FFCV's buffers, reused batches_ahead + 2 steps later: consume or clone a batch before then.
+    Note: FFCV sets torch's intra-op thread count to num_workers; the loader restores it after it does.
     """
 
     def __init__(self, beton_path: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 4, device: torch.device | str = "cpu", indices=None,
                  os_cache: bool = True, order: str = "random", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         _import_ffcv()
-        from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
-        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
-
-        device = torch.device(device)
-
-        def view() -> PipelineSpec:
-            transforms = [RandomHorizontalFlip(), ToTensor(), ToTorchImage(channels_last=False)]
-            if device.type == "cuda":
-                transforms.append(ToDevice(device, non_blocking=True))
-            return PipelineSpec("image", decoder=RandomResizedCropRGBImageDecoder((image_size, image_size), scale,
-                                                                                  ratio), transforms=transforms)
+        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
         if order not in ("random", "quasi_random"):
             raise ValueError(f"order={order!r}: choose random or quasi_random")
         if order == "quasi_random" and world_size > 1:
-            raise ValueError("order=quasi_random is not available with several ranks in FFCV 1.0.2: use random")
+            raise ValueError("order=quasi_random is single-rank in FFCV 1.0.2: use order=random with several ranks")
+        device = torch.device(device)
+
+        def view(stream: int) -> PipelineSpec:
+            transforms = [ToTensor(), ToTorchImage(channels_last=False)]
+            if device.type == "cuda":
+                transforms.append(ToDevice(device, non_blocking=True))
+            decoder = _seeded_decoder(image_size, scale, ratio, stream=(seed * 2 + stream) & 0xFFFF_FFFF)
+            return PipelineSpec("image", decoder=decoder, transforms=transforms)
+
+        threads = torch.get_num_threads()
         self.loader = Loader(str(beton_path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=OrderOption.RANDOM if order == "random" else OrderOption.QUASI_RANDOM,
-                             distributed=world_size > 1, seed=seed, indices=indices, drop_last=True,
-                             pipelines={"image": view(), "image2": view(), "label": None})
-        self.steps_per_epoch = len(self.loader)
+                             seed=seed, indices=None if indices is None else np.asarray(indices, dtype=np.int64),
+                             drop_last=True, pipelines={"image": view(0), "image2": view(1), "label": None})
+        torch.set_num_threads(threads)
+        if order == "random":
+            self.loader.traversal_order = _ShardOrder(self.loader.indices.astype(np.int64), rank, world_size, seed)
+        self.steps_per_epoch = len(self.loader.traversal_order.sample_order(0)) // batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{beton_path}: too few images for one batch of {batch_size} per rank")
+            raise ValueError(f"{beton_path}: {len(self.loader.indices)} images cannot fill one batch of "
+                             f"{batch_size} per rank on {world_size} rank(s): lower batch_size")
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.loader.next_epoch = epoch  # FFCV's order for an epoch is a function of (seed, epoch)
+        """The epoch's batches from `start_step` on; skipped batches are still decoded (FFCV's order is per
+        epoch), so a resume costs up to one epoch of loading, not of training."""
+        self.loader.next_epoch = epoch  # FFCV's order for an epoch is sample_order(epoch)
+        threads = torch.get_num_threads()
         iterator = iter(self.loader)
+        torch.set_num_threads(threads)
         try:
             for step, (view1, view2) in enumerate(iterator):
                 if step >= start_step:

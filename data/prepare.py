@@ -2,57 +2,73 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from data.sources import NAMES, as_rgb_array, image_path, open_source
 
+_PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)
 
-class _Checked:
-    """The readable samples of a source, as (HWC uint8 array, int label) for FFCV's writer."""
+
+class _Guarded:
+    """(HWC uint8 array, int label) for FFCV's writer; an unreadable image is flagged in shared memory and
+    written as a placeholder. FFCV 1.0.2's writer waits forever when a worker process dies on an exception,
+    so no exception may leave __getitem__; the caller checks the flags after the write."""
 
     def __init__(self, source, indices: list[int]):
         self.source, self.indices = source, indices
+        self.bad = mp.RawArray("b", len(indices))  # inherited by the writer's worker processes
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i):
-        image, label = self.source[self.indices[i]]
-        return as_rgb_array(image), int(label)
-
-
-def find_unreadable(source, progress_every: int = 5000) -> tuple[list[int], list[str]]:
-    """(readable indices, descriptions of the unreadable samples): each image is fully decoded once."""
-    good, bad = [], []
-    for i in range(len(source)):
         try:
-            image, _ = source[i]
-            as_rgb_array(image)
-            good.append(i)
-        except Exception as err:  # noqa: BLE001 - any decoding failure makes the sample unreadable
-            bad.append(f"{image_path(source, i) or f'sample {i}'} ({type(err).__name__}: {err})")
-        if progress_every and (i + 1) % progress_every == 0:
-            print(f"checked {i + 1}/{len(source)} images", file=sys.stderr, flush=True)
-    return good, bad
+            image, label = self.source[self.indices[i]]
+            return as_rgb_array(image), int(label)
+        except Exception:  # noqa: BLE001 - any failure to read or decode makes the sample unreadable
+            self.bad[i] = 1
+            return _PLACEHOLDER, -1
+
+    def unreadable(self) -> list[int]:
+        return [self.indices[i] for i in np.flatnonzero(np.frombuffer(self.bad, dtype=np.int8))]
+
+
+def describe(source, index: int) -> str:
+    """'<file or sample i> (<error>)' for an unreadable sample, re-reading it to get the error."""
+    name = image_path(source, index) or f"sample {index}"
+    try:
+        as_rgb_array(source[index][0])
+        return f"{name} (unreadable while writing)"
+    except Exception as err:  # noqa: BLE001
+        return f"{name} ({type(err).__name__}: {err})"
+
+
+def _write(source, indices: list[int], path: Path, fields: dict, num_workers: int) -> list[int]:
+    """Writes the samples `indices` to `path`; returns the unreadable ones among them."""
+    from ffcv.writer import DatasetWriter
+
+    dataset = _Guarded(source, indices)
+    DatasetWriter(str(path), fields, num_workers=num_workers).from_indexed_dataset(dataset)
+    return dataset.unreadable()
 
 
 def prepare(dataset: str, out: str | Path, data_dir: str | None = None, split: str = "train",
             write_mode: str = "jpg", max_resolution: int | None = None, jpeg_quality: int = 90,
             skip_bad: bool = False, download: bool = False, num_workers: int = -1) -> dict:
-    """Writes the .beton; returns {"written": n, "skipped": [...]}. An unreadable image raises an error
-    naming its file unless skip_bad, which leaves it out and reports it."""
+    """Writes the .beton; returns {"written": n, "skipped": [descriptions], "out": path}.
+
+    Images are decoded once, by the writer's processes. An unreadable image raises ValueError naming its file
+    unless skip_bad, which rewrites without it (a second pass only then) and reports it. The file appears
+    under its name only when complete (written as a hidden temporary, then os.replace'd).
+    """
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     source = open_source(dataset, data_dir, split, download)
-    good, bad = find_unreadable(source)
-    if bad and not skip_bad:
-        raise ValueError(f"unreadable image: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-                         + "; use --skip-bad to leave such images out")
-    if not good:
-        raise ValueError(f"no readable images in {data_dir or dataset}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -60,12 +76,23 @@ def prepare(dataset: str, out: str | Path, data_dir: str | None = None, split: s
                                      jpeg_quality=jpeg_quality),
               "label": IntField()}
     try:
-        DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(_Checked(source, good))
+        indices = list(range(len(source)))
+        bad = _write(source, indices, tmp, fields, num_workers)
+        skipped = [describe(source, i) for i in bad]
+        if bad and not skip_bad:
+            raise ValueError(f"unreadable image: {skipped[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                             + "; --skip-bad leaves such images out")
+        if bad:
+            good = sorted(set(indices) - set(bad))
+            if not good:
+                raise ValueError(f"no readable images in {data_dir or dataset}")
+            if _write(source, good, tmp, fields, num_workers):
+                raise ValueError(f"images of {data_dir} became unreadable during the second pass")
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return {"written": len(good), "skipped": bad, "out": str(out)}
+    return {"written": len(source) - len(bad), "skipped": skipped, "out": str(out)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="the data set's root directory (not needed for digits)")
     parser.add_argument("--split", default="train", help="train | test; STL10 also unlabeled, train+unlabeled")
     parser.add_argument("--out", required=True, help="the .beton file to write")
-    parser.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion", "smart"])
-    parser.add_argument("--max-resolution", type=int, help="longest side stored (e.g. 256 for ImageNet)")
+    parser.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion", "smart"],
+                        help="jpg: small files, decode cost per read; raw: fastest reads, ~10x the disk")
+    parser.add_argument("--max-resolution", type=int, help="longest side stored (256-512 for ImageNet)")
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument("--skip-bad", action="store_true", help="leave unreadable images out and report them")
-    parser.add_argument("--download", action="store_true", help="fetch the data set with torchvision first")
-    parser.add_argument("--num-workers", type=int, default=-1)
+    parser.add_argument("--download", action="store_true", help="fetch CIFAR / STL10 with torchvision first")
+    parser.add_argument("--num-workers", type=int, default=-1, help="writer processes (default: all cores)")
     args = parser.parse_args(argv)
     try:
         result = prepare(args.dataset, args.out, args.data_dir, args.split, args.write_mode, args.max_resolution,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from data.sources import as_rgb_array
@@ -22,40 +23,45 @@ class _EpochSampler(Sampler):
     """Yields (epoch, index) so that workers (persistent ones too) know which epoch a sample belongs to."""
 
     def __init__(self, sampler: DistributedSampler):
-        self.sampler, self.epoch = sampler, 0
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next iteration is epoch `epoch`, without its first `skip` samples (never loaded)."""
+        self.epoch, self.skip = epoch, skip
         self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        return ((self.epoch, int(i)) for i in self.sampler)
+        return ((self.epoch, int(i)) for i in list(self.sampler)[self.skip:])
 
     def __len__(self) -> int:
         return len(self.sampler)
 
 
 class _TwoViews(Dataset):
+    """Item (epoch, i) -> two uint8 CHW crops + flips of source[indices[i]]."""
+
     def __init__(self, source, indices, image_size: int, seed: int, scale, ratio):
         from torchvision.transforms import v2
 
         self.source, self.indices, self.seed = source, indices, seed
-        self.transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(image_size, scale, ratio, antialias=True),
+        self.transform = v2.Compose([v2.RandomResizedCrop(image_size, scale, ratio, antialias=True),
                                      v2.RandomHorizontalFlip()])
+        self.pil_to_tensor = v2.functional.pil_to_tensor
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, item):
         epoch, i = item
-        image, _ = self.source[int(self.indices[i])]
-        from PIL import Image
-
-        pil = image if isinstance(image, Image.Image) else Image.fromarray(as_rgb_array(image))
-        pil = pil.convert("RGB")
-        with torch.random.fork_rng(devices=[]):  # crops from (seed, epoch, index): independent of workers
-            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF)
-            return self.transform(pil), self.transform(pil)
+        index = int(self.indices[i])
+        image, _ = self.source[index]
+        if isinstance(image, Image.Image):
+            chw = self.pil_to_tensor(image.convert("RGB"))
+        else:
+            chw = torch.from_numpy(as_rgb_array(image)).permute(2, 0, 1)
+        with torch.random.fork_rng(devices=[]):  # crops from (seed, epoch, dataset index): any worker count
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)  # int tuples hash stably
+            return self.transform(chw), self.transform(chw)
 
 
 class TorchvisionTwoViewLoader:
@@ -85,7 +91,8 @@ class TorchvisionTwoViewLoader:
         return self.steps_per_epoch
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.set_epoch(epoch)
-        for step, (view1, view2) in enumerate(self.loader):
-            if step >= start_step:  # skipped batches are still decoded: resume costs part of an epoch
-                yield view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True)
+        """The epoch's batches from `start_step` on; skipped batches are never loaded (crops do not depend on
+        the position in the epoch, so they equal those of an uninterrupted epoch)."""
+        self.sampler.set_epoch(epoch, skip=start_step * self.loader.batch_size)
+        for view1, view2 in self.loader:
+            yield view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True)

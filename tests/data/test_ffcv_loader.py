@@ -1,0 +1,95 @@
+"""FFCV two-view loader: shapes, independent views, seeded crops (runs, thread counts, resume), rank shards."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ffcv", reason="FFCV is not installed (bash launch/install.sh --ffcv)")
+
+from data.ffcv_loader import FFCVTwoViewLoader, beton_size  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def id_beton(tmp_path_factory):
+    """64 raw 12x10 images, image i filled with the value 3*i: any crop of it still says which it is."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    samples = [(np.full((12, 10, 3), 3 * i, dtype=np.uint8), i % 4) for i in range(64)]
+    path = tmp_path_factory.mktemp("beton") / "ids.beton"
+    DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                  num_workers=1).from_indexed_dataset(samples)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def digits_beton(tmp_path_factory):
+    from data.prepare import prepare
+
+    path = tmp_path_factory.mktemp("beton") / "digits.beton"
+    prepare("digits", path, num_workers=1)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def digits_loader(digits_beton):
+    return FFCVTwoViewLoader(digits_beton, 32, 16, seed=3, num_workers=1)
+
+
+def take(loader, epoch=0, start_step=0, count=2):
+    """The first `count` batches from start_step, cloned (FFCV reuses its buffers)."""
+    out, batches = [], loader.batches(epoch, start_step)
+    for _ in range(count):
+        out.append(tuple(v.clone() for v in next(batches)))
+    batches.close()
+    return out
+
+
+def test_views_have_the_shape_and_differ(digits_loader, digits_beton):
+    assert beton_size(digits_beton) == 1797 and digits_loader.steps_per_epoch == 1797 // 32
+    v1, v2 = take(digits_loader, count=1)[0]
+    assert v1.shape == v2.shape == (32, 3, 16, 16) and v1.dtype == v2.dtype == torch.uint8
+    assert (v1 != v2).float().mean() > 0.3  # independent crops of the same images
+
+
+def test_seed_fixes_batches_across_runs_and_thread_counts(digits_loader, digits_beton):
+    again = FFCVTwoViewLoader(digits_beton, 32, 16, seed=3, num_workers=2)
+    for (a1, a2), (b1, b2) in zip(take(digits_loader), take(again)):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert not torch.equal(take(digits_loader, epoch=1, count=1)[0][0], take(digits_loader, count=1)[0][0])
+
+
+def test_resume_from_a_step_gives_the_same_batches(digits_loader):
+    full = take(digits_loader, epoch=2, count=3)
+    resumed = take(digits_loader, epoch=2, start_step=2, count=1)[0]
+    assert torch.equal(full[2][0], resumed[0]) and torch.equal(full[2][1], resumed[1])
+
+
+def test_indices_subset_and_too_small(id_beton):
+    loader = FFCVTwoViewLoader(id_beton, 4, 6, indices=range(8, 16), num_workers=1, scale=(0.5, 1.0))
+    seen = sorted(int(v[0, 0, 0]) // 3 for view1, _ in loader.batches(0) for v in view1)
+    assert loader.steps_per_epoch == 2 and seen == list(range(8, 16))
+    with pytest.raises(ValueError, match="lower batch_size"):
+        FFCVTwoViewLoader(id_beton, 64, 6, world_size=2, num_workers=1)
+
+
+def _shard(rank, world_size, beton):
+    loader = FFCVTwoViewLoader(beton, 8, 6, rank, world_size, seed=1, num_workers=1)
+    assert loader.steps_per_epoch == 4
+    return [[sorted(int(v[0, 0, 0]) // 3 for v in view1) for view1, _ in loader.batches(epoch)] for epoch in (0, 1)]
+
+
+def test_two_ranks_get_disjoint_shards_covering_the_set(distributed_run, id_beton):
+    shards = distributed_run(_shard, 2, id_beton)
+    for epoch in (0, 1):
+        ids = [sum(shards[rank][epoch], []) for rank in (0, 1)]
+        assert not set(ids[0]) & set(ids[1]) and sorted(ids[0] + ids[1]) == list(range(64))
+    assert shards[0][0] != shards[0][1]  # reshuffled per epoch
+
+
+def test_missing_ffcv_gives_install_hint(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ffcv" else real(name, *a))
+    with pytest.raises(ImportError, match="launch/install.sh --ffcv"):
+        FFCVTwoViewLoader("x.beton", 4, 8)
