@@ -2,7 +2,8 @@
 
     python -m benchmarks.loader [--quick] [--device cpu|cuda] [--workers 2]
 
-(a) the FFCV loader (decode + random-resized crop + flip: what stays on the CPU when a GPU is present);
+(a) the FFCV loader (decode once + two random-resized crops + flips: what stays on the CPU when a GPU is present),
+    next to (a0) stock FFCV with two pipelines on the image field (decodes every image twice);
 (b) the torchvision fallback with the seed's full augmentation in PIL workers (crop, flip, ColorJitter p=0.8,
     grayscale p=0.2, to tensor, both views);
 (c) JPEG decode alone (PIL, one decode per sample): the limit of any JPEG pipeline;
@@ -74,6 +75,24 @@ def _rate(iterator_factory, batch: int, budget_s: float) -> float:
     return count / (time.perf_counter() - start)
 
 
+def stock_ffcv_loader(beton: Path, size: int, batch: int, workers: int):
+    """Two stock FFCV pipelines (RandomResizedCropRGBImageDecoder + RandomHorizontalFlip) on one field."""
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    def spec():
+        return PipelineSpec("image", RandomResizedCropRGBImageDecoder((size, size)),
+                            [RandomHorizontalFlip(), ToTensor(), ToTorchImage(channels_last=False)])
+
+    threads = torch.get_num_threads()
+    loader = Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, seed=0,
+                    pipelines={"image": spec(), "image2": spec(), "label": None})
+    torch.set_num_threads(threads)
+    return loader
+
+
 def measure(root: Path, beton: Path, size: int, batch: int, workers: int, device: torch.device, budget_s: float):
     from torchvision.datasets import ImageFolder
 
@@ -85,6 +104,8 @@ def measure(root: Path, beton: Path, size: int, batch: int, workers: int, device
     ffcv_loader = FFCVTwoViewLoader(str(beton), batch, size, num_workers=workers, seed=0)
     epochs = iter(range(10 ** 6))
     out["a_ffcv_two_views"] = _rate(lambda: ffcv_loader.batches(next(epochs)), batch, budget_s)
+    stock = stock_ffcv_loader(beton, size, batch, workers)
+    out["a0_stock_ffcv_two_pipelines"] = _rate(lambda: stock, batch, budget_s)
     seed_loader = torch.utils.data.DataLoader(_SeedStyle(source, size), batch_size=batch, num_workers=workers,
                                               shuffle=True, drop_last=True, persistent_workers=workers > 0)
     out["b_torchvision_full_augmentation"] = _rate(lambda: seed_loader, batch, budget_s)
@@ -103,6 +124,7 @@ def measure(root: Path, beton: Path, size: int, batch: int, workers: int, device
     out["d_device_augment_views_per_s"] = views / (time.perf_counter() - start)
     out["ratio_a_over_b"] = out["a_ffcv_two_views"] / out["b_torchvision_full_augmentation"]
     out["ratio_a_over_c"] = out["a_ffcv_two_views"] / out["c_jpeg_decode_only"]
+    out["ratio_a_over_a0"] = out["a_ffcv_two_views"] / out["a0_stock_ffcv_two_pipelines"]
     return out
 
 

@@ -46,26 +46,28 @@ def beton_size(path: str) -> int:
     return int(Reader(str(path)).num_samples)
 
 
-def _seeded_decoder(output_size: int, scale, ratio, stream: int):
-    """FFCV's RandomResizedCropRGBImageDecoder with the crop and a horizontal flip drawn from a key per sample.
+def _two_view_decoder(image_size: int, scale, ratio, seed: int):
+    """FFCV's RandomResizedCropRGBImageDecoder made two-view and seeded: each stored image is decoded once and
+    cropped + resized + flipped twice into a (2S, S, 3) slot (view 1 on top of view 2).
 
-    FFCV 1.0.2 draws crops (and RandomHorizontalFlip its flips) from numba's per-thread global state, which no
-    seed reaches: crops would differ between runs and with the thread count. Here the key of a sample is
-    mix(stream, the batch's sample ids in order, its slot): the order is a function of (seed, epoch), so the
-    crops are too (any num_workers, any resume point), and the two views differ by their `stream`.
+    Two pipelines on one field would decode every JPEG twice (measured: half the samples/s). FFCV 1.0.2 draws
+    crops (and RandomHorizontalFlip its flips) from numba's per-thread global state, which no seed reaches; here
+    the draws of a sample come from the key mix(seed, the batch's sample ids in order, its slot, view). The
+    order is a function of (seed, epoch), so the crops are too: on every run, any num_workers, any resume point.
     """
     from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.compiler import Compiler
 
-    class SeededCropFlipDecoder(RandomResizedCropRGBImageDecoder):
+    class TwoViewCropFlipDecoder(RandomResizedCropRGBImageDecoder):
         def generate_code(self):
             jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
             imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
             mix_c, crop_c = Compiler.compile(_mix), Compiler.compile(_crop_flip_generator(Compiler.compile(_uniform)))
-            scale_a, ratio_a = np.array(self.scale), np.array(self.ratio)
+            flip_c = Compiler.compile(_flip_columns)
+            scale_a, ratio_a, side = np.array(self.scale), np.array(self.ratio), image_size
             with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
-                base = _mix(np.uint64(stream))
+                base = _mix(np.uint64(seed))
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
@@ -82,22 +84,30 @@ def _seeded_decoder(output_size: int, scale, ratio, stream: int):
                         image = buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                     else:
                         image = image_data.reshape(height, width, 3)
-                    key = mix_c(batch_key + np.uint64(dst_ix) * np.uint64(0x632BE59BD9B4E019))
-                    i, j, h, w, flip = crop_c(height, width, scale_a, ratio_a, key)
-                    out = destination[dst_ix]
-                    resize_crop_c(image, i, i + h, j, j + w, out)
-                    if flip:
-                        side = out.shape[1]
-                        for r in range(out.shape[0]):
-                            for c in range(side // 2):
-                                for ch in range(3):
-                                    out[r, c, ch], out[r, side - 1 - c, ch] = out[r, side - 1 - c, ch], out[r, c, ch]
+                    for view in range(2):
+                        key = mix_c(batch_key + np.uint64(2 * dst_ix + view) * np.uint64(0x632BE59BD9B4E019))
+                        i, j, h, w, flip = crop_c(height, width, scale_a, ratio_a, key)
+                        out = destination[dst_ix, view * side:(view + 1) * side]
+                        resize_crop_c(image, i, i + h, j, j + w, out)
+                        if flip:
+                            flip_c(out)
                 return destination[:len(batch_indices)]
 
             decode.is_parallel = True
             return decode
 
-    return SeededCropFlipDecoder((output_size, output_size), tuple(scale), tuple(ratio))
+    decoder = TwoViewCropFlipDecoder((image_size, image_size), tuple(scale), tuple(ratio))
+    decoder.output_size = (2 * image_size, image_size)  # the slot holds both views
+    return decoder
+
+
+def _flip_columns(image):
+    """Mirrors an HWC image left-right in place."""
+    side = image.shape[1]
+    for r in range(image.shape[0]):
+        for c in range(side // 2):
+            for ch in range(3):
+                image[r, c, ch], image[r, side - 1 - c, ch] = image[r, side - 1 - c, ch], image[r, c, ch]
 
 
 def _crop_flip_generator(uniform):
@@ -134,26 +144,26 @@ class _ShardOrder:
     """
 
     def __init__(self, indices: np.ndarray, rank: int, world_size: int, seed: int):
-        self.indices = indices
+        self.indices, self.skip = indices, 0
         self.sampler = DistributedSampler(range(len(indices)), num_replicas=world_size, rank=rank, shuffle=True,
                                           seed=seed, drop_last=True)
 
     def sample_order(self, epoch: int) -> np.ndarray:
         self.sampler.set_epoch(epoch)
-        return self.indices[np.fromiter(self.sampler, dtype=np.int64, count=len(self.sampler))]
+        return self.indices[np.fromiter(self.sampler, dtype=np.int64, count=len(self.sampler))[self.skip:]]
 
 
 class FFCVTwoViewLoader:
     """Yields (view1, view2) uint8 [batch_size, 3, S, S] for this rank from a .beton written by data.prepare.
 
-    One FFCV Loader, two pipelines on the one stored 'image' field ('image' and 'image2', FFCV's custom field
-    mapping): each decodes, random-resized-crops (scale, ratio) and flips in one numba pass, seeded per sample
-    (see _seeded_decoder), so a (seed, epoch) gives the same batches on every run and thread count. Order: with
-    order='random', this rank's shard is torch's DistributedSampler(shuffle, seed, drop_last=True) with explicit
-    rank/world_size (no process group needed); 'quasi_random' (FFCV's, for data larger than RAM with
-    os_cache=False) is single-rank only in FFCV 1.0.2. On CUDA the views are copied to the device non-blocking.
-    batches() yields FFCV's buffers, reused batches_ahead + 2 steps later: consume or clone a batch before then.
-    Note: FFCV sets torch's intra-op thread count to num_workers; the loader restores it after it does.
+    One FFCV pipeline on the 'image' field whose decoder (see _two_view_decoder) decodes each image once and
+    random-resized-crops (scale, ratio) and flips it twice, seeded per sample: a (seed, epoch) gives the same
+    batches on every run and thread count. Order: with order='random', this rank's shard is torch's
+    DistributedSampler(shuffle, seed, drop_last=True) with explicit rank/world_size (no process group needed);
+    'quasi_random' (FFCV's, for data larger than RAM with os_cache=False) is single-rank in FFCV 1.0.2. On CUDA
+    the uint8 batch is copied to the device non-blocking and split into the two views there. Views are fresh
+    tensors (not FFCV's reused buffers). FFCV sets torch's intra-op thread count to num_workers; the loader
+    puts it back each time.
     """
 
     def __init__(self, beton_path: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
@@ -162,26 +172,21 @@ class FFCVTwoViewLoader:
         _import_ffcv()
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
-        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import ToDevice, ToTensor
 
         if order not in ("random", "quasi_random"):
             raise ValueError(f"order={order!r}: choose random or quasi_random")
         if order == "quasi_random" and world_size > 1:
             raise ValueError("order=quasi_random is single-rank in FFCV 1.0.2: use order=random with several ranks")
-        device = torch.device(device)
-
-        def view(stream: int) -> PipelineSpec:
-            transforms = [ToTensor(), ToTorchImage(channels_last=False)]
-            if device.type == "cuda":
-                transforms.append(ToDevice(device, non_blocking=True))
-            decoder = _seeded_decoder(image_size, scale, ratio, stream=(seed * 2 + stream) & 0xFFFF_FFFF)
-            return PipelineSpec("image", decoder=decoder, transforms=transforms)
-
+        self.device, self.image_size = torch.device(device), image_size
+        transforms = [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else [])
+        decoder = _two_view_decoder(image_size, scale, ratio, seed=seed & 0xFFFF_FFFF_FFFF)
         threads = torch.get_num_threads()
         self.loader = Loader(str(beton_path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=OrderOption.RANDOM if order == "random" else OrderOption.QUASI_RANDOM,
                              seed=seed, indices=None if indices is None else np.asarray(indices, dtype=np.int64),
-                             drop_last=True, pipelines={"image": view(0), "image2": view(1), "label": None})
+                             drop_last=True, pipelines={"image": PipelineSpec("image", decoder, transforms),
+                                                        "label": None})
         torch.set_num_threads(threads)
         if order == "random":
             self.loader.traversal_order = _ShardOrder(self.loader.indices.astype(np.int64), rank, world_size, seed)
@@ -194,16 +199,26 @@ class FFCVTwoViewLoader:
         return self.steps_per_epoch
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches from `start_step` on; skipped batches are still decoded (FFCV's order is per
-        epoch), so a resume costs up to one epoch of loading, not of training."""
+        """The epoch's batches from `start_step` on. order='random' leaves the skipped batches out of the order
+        (never loaded; crops depend on a batch's own samples only, so they are those of an uninterrupted
+        epoch); with 'quasi_random' they are decoded and dropped."""
         self.loader.next_epoch = epoch  # FFCV's order for an epoch is sample_order(epoch)
+        sharded = isinstance(self.loader.traversal_order, _ShardOrder)
+        if sharded:
+            self.loader.traversal_order.skip, start_step = start_step * self.loader.batch_size, 0
         threads = torch.get_num_threads()
-        iterator = iter(self.loader)
-        torch.set_num_threads(threads)
         try:
-            for step, (view1, view2) in enumerate(iterator):
+            iterator = iter(self.loader)
+        finally:
+            if sharded:
+                self.loader.traversal_order.skip = 0
+        torch.set_num_threads(threads)
+        side = self.image_size
+        try:
+            for step, (both,) in enumerate(iterator):  # [n, 2S, S, 3]: view 1 above view 2
                 if step >= start_step:
-                    yield view1, view2
+                    yield (both[:, :side].permute(0, 3, 1, 2).contiguous(),
+                           both[:, side:].permute(0, 3, 1, 2).contiguous())
         finally:  # stop FFCV's worker thread when the caller leaves the epoch early
             iterator.close()
             iterator.join(timeout=10)

@@ -93,3 +93,11 @@ def test_missing_ffcv_gives_install_hint(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ffcv" else real(name, *a))
     with pytest.raises(ImportError, match="launch/install.sh --ffcv"):
         FFCVTwoViewLoader("x.beton", 4, 8)
+
+
+def test_quasi_random_order_single_rank(id_beton):
+    loader = FFCVTwoViewLoader(id_beton, 8, 6, num_workers=1, order="quasi_random", os_cache=False)
+    ids = sorted(int(v[0, 0, 0]) // 3 for view1, _ in loader.batches(0, start_step=1) for v in view1)
+    assert len(ids) == 56 and len(set(ids)) == 56
+    with pytest.raises(ValueError, match="single-rank"):
+        FFCVTwoViewLoader(id_beton, 8, 6, rank=1, world_size=2, order="quasi_random")
