@@ -46,7 +46,7 @@ def beton_size(path: str) -> int:
     return int(Reader(str(path)).num_samples)
 
 
-def _two_view_decoder(image_size: int, scale, ratio, seed: int):
+def _two_view_decoder(image_size: int, scale, ratio, seed: int, flip_prob: float = 0.5):
     """FFCV's RandomResizedCropRGBImageDecoder made two-view and seeded: each stored image is decoded once and
     cropped + resized + flipped twice into a (2S, S, 3) slot (view 1 on top of view 2).
 
@@ -65,7 +65,7 @@ def _two_view_decoder(image_size: int, scale, ratio, seed: int):
             imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
             mix_c, crop_c = Compiler.compile(_mix), Compiler.compile(_crop_flip_generator(Compiler.compile(_uniform)))
             flip_c = Compiler.compile(_flip_columns)
-            scale_a, ratio_a, side = np.array(self.scale), np.array(self.ratio), image_size
+            scale_a, ratio_a, side, flip_p = np.array(self.scale), np.array(self.ratio), image_size, flip_prob
             with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
                 base = _mix(np.uint64(seed))
 
@@ -86,7 +86,7 @@ def _two_view_decoder(image_size: int, scale, ratio, seed: int):
                         image = image_data.reshape(height, width, 3)
                     for view in range(2):
                         key = mix_c(batch_key + np.uint64(2 * dst_ix + view) * np.uint64(0x632BE59BD9B4E019))
-                        i, j, h, w, flip = crop_c(height, width, scale_a, ratio_a, key)
+                        i, j, h, w, flip = crop_c(height, width, scale_a, ratio_a, flip_p, key)
                         out = destination[dst_ix, view * side:(view + 1) * side]
                         resize_crop_c(image, i, i + h, j, j + w, out)
                         if flip:
@@ -111,11 +111,11 @@ def _flip_columns(image):
 
 
 def _crop_flip_generator(uniform):
-    """get_random_crop of FFCV 1.0.2 (torchvision's algorithm) with draws from `uniform(key, n)`, plus a flip."""
+    """get_random_crop of FFCV 1.0.2 (torchvision's algorithm) with draws from `uniform(key, n)`, plus a flip with flip_prob."""
 
-    def crop_flip(height, width, scale, ratio, key):
+    def crop_flip(height, width, scale, ratio, flip_prob, key):
         area, log_ratio = height * width, np.log(ratio)
-        flip = uniform(key, _FLIP_DRAW) < 0.5
+        flip = uniform(key, _FLIP_DRAW) < flip_prob
         for attempt in range(10):
             target_area = area * (scale[0] + (scale[1] - scale[0]) * uniform(key, 4 * attempt))
             aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * uniform(key, 4 * attempt + 1))
@@ -157,7 +157,7 @@ class FFCVTwoViewLoader:
     """Yields (view1, view2) uint8 [batch_size, 3, S, S] for this rank from a .beton written by data.prepare.
 
     One FFCV pipeline on the 'image' field whose decoder (see _two_view_decoder) decodes each image once and
-    random-resized-crops (scale, ratio) and flips it twice, seeded per sample: a (seed, epoch) gives the same
+    random-resized-crops (scale, ratio) and flips it (flip_prob) twice, seeded per sample: a (seed, epoch) gives the same
     batches on every run and thread count. Order: with order='random', this rank's shard is torch's
     DistributedSampler(shuffle, seed, drop_last=True) with explicit rank/world_size (no process group needed);
     'quasi_random' (FFCV's, for data larger than RAM with os_cache=False) is single-rank in FFCV 1.0.2. On CUDA
@@ -168,7 +168,8 @@ class FFCVTwoViewLoader:
 
     def __init__(self, beton_path: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 4, device: torch.device | str = "cpu", indices=None,
-                 os_cache: bool = True, order: str = "random", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+                 os_cache: bool = True, order: str = "random", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 flip_prob: float = 0.5):
         _import_ffcv()
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
@@ -180,7 +181,7 @@ class FFCVTwoViewLoader:
             raise ValueError("order=quasi_random is single-rank in FFCV 1.0.2: use order=random with several ranks")
         self.device, self.image_size = torch.device(device), image_size
         transforms = [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else [])
-        decoder = _two_view_decoder(image_size, scale, ratio, seed=seed & 0xFFFF_FFFF_FFFF)
+        decoder = _two_view_decoder(image_size, scale, ratio, seed=seed & 0xFFFF_FFFF_FFFF, flip_prob=flip_prob)
         threads = torch.get_num_threads()
         self.loader = Loader(str(beton_path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                              order=OrderOption.RANDOM if order == "random" else OrderOption.QUASI_RANDOM,

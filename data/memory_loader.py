@@ -25,7 +25,7 @@ def split_indices(count: int, valid_fraction: float, seed: int) -> tuple[torch.T
 
 
 class MemoryTwoViewLoader:
-    """Yields (view1, view2) uint8 [batch_size, 3, S, S] after random-resized-crop + flip, for this rank's shard.
+    """Yields (view1, view2) uint8 [batch_size, 3, S, S] after random-resized-crop + flip (flip_prob), for this rank's shard.
 
     The order of epoch e is DistributedSampler(shuffle, seed, drop_last) with set_epoch(e); the crops of step k
     come from a generator seeded with (seed, rank, epoch, k): a pure function of the position, so a resumed run
@@ -34,14 +34,14 @@ class MemoryTwoViewLoader:
 
     def __init__(self, images: torch.Tensor, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, indices: torch.Tensor | None = None, device: torch.device | str = "cpu",
-                 scale: tuple[float, float] = (0.08, 1.0)):
+                 scale: tuple[float, float] = (0.08, 1.0), flip_prob: float = 0.5):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         self.images = images
         self.indices = torch.arange(images.shape[0]) if indices is None else torch.as_tensor(indices)
         self.batch_size, self.image_size = batch_size, image_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.device, self.scale = torch.device(device), scale
+        self.device, self.scale, self.flip_prob = torch.device(device), scale, flip_prob
         self.sampler = DistributedSampler(_Sized(len(self.indices)), num_replicas=world_size, rank=rank,
                                           shuffle=True, seed=seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // batch_size
@@ -60,5 +60,6 @@ class MemoryTwoViewLoader:
             batch = self.images[chosen].to(self.device, non_blocking=True)
             g = torch.Generator(device=batch.device)
             g.manual_seed(hash((self.seed, self.rank, epoch, step)) & 0x7FFF_FFFF_FFFF)
-            yield (random_resized_crop_flip(batch, self.image_size, generator=g, scale=self.scale),
-                   random_resized_crop_flip(batch, self.image_size, generator=g, scale=self.scale))
+            views = [random_resized_crop_flip(batch, self.image_size, generator=g, scale=self.scale,
+                                              flip_prob=self.flip_prob) for _ in range(2)]
+            yield views[0], views[1]

@@ -40,12 +40,12 @@ class _EpochSampler(Sampler):
 class _TwoViews(Dataset):
     """Item (epoch, i) -> two uint8 CHW crops + flips of source[indices[i]]."""
 
-    def __init__(self, source, indices, image_size: int, seed: int, scale, ratio):
+    def __init__(self, source, indices, image_size: int, seed: int, scale, ratio, flip_prob: float):
         from torchvision.transforms import v2
 
         self.source, self.indices, self.seed = source, indices, seed
         self.transform = v2.Compose([v2.RandomResizedCrop(image_size, scale, ratio, antialias=True),
-                                     v2.RandomHorizontalFlip()])
+                                     v2.RandomHorizontalFlip(flip_prob)])
         self.pil_to_tensor = v2.functional.pil_to_tensor
 
     def __len__(self) -> int:
@@ -74,9 +74,9 @@ class TorchvisionTwoViewLoader:
 
     def __init__(self, dataset, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 0, device: torch.device | str = "cpu", indices=None,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5):
         indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
-        views = _TwoViews(dataset, indices, image_size, seed, scale, ratio)
+        views = _TwoViews(dataset, indices, image_size, seed, scale, ratio, flip_prob)
         self.sampler = _EpochSampler(DistributedSampler(views, num_replicas=world_size, rank=rank, shuffle=True,
                                                         seed=seed, drop_last=True))
         self.device = torch.device(device)

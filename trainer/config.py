@@ -73,6 +73,7 @@ class DatasetConfig:
     blur_prob: float = 0.0  # 0.5 for ImageNet; off for CIFAR/STL10 as the seed
     solarize_prob: float = 0.0  # SimCLR v2 uses 0.2 on one view
     crop_min_scale: float = 0.08  # random-resized-crop area range (crop_min_scale, 1)
+    flip_prob: float = 0.5  # horizontal flip per view; 0 where mirroring changes the class (digits)
     synthetic_size: int = 256  # number of images of the synthetic set (tests, benchmarks)
 
     def __post_init__(self):
@@ -93,7 +94,7 @@ class DatasetConfig:
             raise ConfigError(f"dataset.valid_size={self.valid_size}: must be in [0, 1)")
         if self.num_workers < 0:
             raise ConfigError(f"dataset.num_workers={self.num_workers}: must be >= 0")
-        for key in ("jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        for key in ("jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob", "flip_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"dataset.{key}={getattr(self, key)}: must be a probability in [0, 1]")
         if not 0.0 < self.crop_min_scale <= 1.0:

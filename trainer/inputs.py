@@ -58,14 +58,14 @@ def _two_view_loader(cfg: Config, ctx: DistContext, indices, batch_size: int, se
     d = cfg.dataset
     common = dict(batch_size=batch_size, image_size=d.image_size, rank=ctx.rank, world_size=ctx.world_size,
                   seed=seed, indices=indices)
-    scale = (d.crop_min_scale, 1.0)
+    common.update(scale=(d.crop_min_scale, 1.0), flip_prob=d.flip_prob)
     if d.loader == "memory":
-        return MemoryTwoViewLoader(images, device=ctx.device, scale=scale, **common)
+        return MemoryTwoViewLoader(images, device=ctx.device, **common)
     if d.loader == "torchvision":
         from data.torchvision_loader import TorchvisionTwoViewLoader
-        return TorchvisionTwoViewLoader(source, num_workers=d.num_workers, device=ctx.device, scale=scale, **common)
+        return TorchvisionTwoViewLoader(source, num_workers=d.num_workers, device=ctx.device, **common)
     from data.ffcv_loader import FFCVTwoViewLoader
-    return FFCVTwoViewLoader(d.path, num_workers=max(1, d.num_workers), device=ctx.device, scale=scale, **common)
+    return FFCVTwoViewLoader(d.path, num_workers=max(1, d.num_workers), device=ctx.device, **common)
 
 
 def build_pretrain_data(cfg: Config, ctx: DistContext) -> PretrainData:

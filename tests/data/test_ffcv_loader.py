@@ -101,3 +101,20 @@ def test_quasi_random_order_single_rank(id_beton):
     assert len(ids) == 56 and len(set(ids)) == 56
     with pytest.raises(ValueError, match="single-rank"):
         FFCVTwoViewLoader(id_beton, 8, 6, rank=1, world_size=2, order="quasi_random")
+
+
+@pytest.mark.parametrize("flip_prob,flipped", [(0.0, False), (1.0, True)])
+def test_flip_prob(tmp_path, flip_prob, flipped):
+    """Identical left-to-right ramps, full-image crops: only a flip can change a view."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    ramp = np.broadcast_to((np.arange(8, dtype=np.uint8) * 30)[None, :, None], (8, 8, 3)).copy()
+    path = str(tmp_path / "ramps.beton")
+    DatasetWriter(path, {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                  num_workers=1).from_indexed_dataset([(ramp, 0)] * 32)
+    loader = FFCVTwoViewLoader(path, 16, 8, num_workers=1, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=flip_prob)
+    expected = torch.from_numpy(ramp).permute(2, 0, 1)
+    expected = expected.flip(-1) if flipped else expected
+    for view in take(loader, count=1)[0]:
+        assert torch.equal(view, expected.expand_as(view))

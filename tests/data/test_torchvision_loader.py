@@ -69,3 +69,15 @@ def test_two_ranks_get_disjoint_shards_covering_the_set(distributed_run):
         ids = [sum(shards[rank][epoch], []) for rank in (0, 1)]
         assert not set(ids[0]) & set(ids[1]) and sorted(ids[0] + ids[1]) == list(range(64))
     assert shards[0][0] != shards[0][1]
+
+
+@pytest.mark.parametrize("flip_prob,flipped", [(0.0, False), (1.0, True)])
+def test_flip_prob(flip_prob, flipped):
+    """Identical left-to-right ramps, full-image crops: only a flip can change a view."""
+    ramp = np.broadcast_to((np.arange(8, dtype=np.uint8) * 30)[None, :, None], (8, 8, 3)).copy()
+    loader = TorchvisionTwoViewLoader([(ramp, 0)] * 32, 16, 8, seed=0, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                                      flip_prob=flip_prob)
+    expected = torch.from_numpy(ramp).permute(2, 0, 1)
+    expected = expected.flip(-1) if flipped else expected
+    for view in take(loader, count=1)[0]:
+        assert torch.equal(view, expected.expand_as(view))

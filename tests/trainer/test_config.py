@@ -46,6 +46,8 @@ def test_override_precedence_over_file(tmp_path):
     (["optim.name=rmsprop"], "optim.name"),
     (["model=resnet18"], "model"),
     (["batch_size"], "batch_size"),
+    (["dataset.flip_prob=1.5"], "dataset.flip_prob"),
+    (["dataset.crop_min_scale=0"], "dataset.crop_min_scale"),
 ])
 def test_bad_values_name_the_key(overrides, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("(", r"\(")):
