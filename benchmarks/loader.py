@@ -4,8 +4,8 @@
 
 (a) the FFCV loader (decode once + two random-resized crops + flips: what stays on the CPU when a GPU is present),
     next to (a0) stock FFCV with two pipelines on the image field (decodes every image twice);
-(b) the torchvision fallback with the seed's full augmentation in PIL workers (crop, flip, ColorJitter p=0.8,
-    grayscale p=0.2, to tensor, both views);
+(b) the seed's way: the full augmentation in PIL DataLoader workers (crop, flip, ColorJitter p=0.8,
+    grayscale p=0.2, ToTensor to float as the seed did, both views);
 (c) JPEG decode alone (PIL, one decode per sample): the limit of any JPEG pipeline;
 (d) data.augment.SimCLRAugment alone on the device, in views/s.
 At 96 px (STL10-like) and 224 px, from ~400x350 JPEG crops of scikit-learn's sample photographs.
@@ -41,7 +41,7 @@ def make_photos(folder: Path, count: int) -> Path:
 
 
 class _SeedStyle(torch.utils.data.Dataset):
-    """The seed's CPU pipeline: every augmentation in PIL, two views per sample."""
+    """The seed's CPU pipeline: every augmentation in PIL, then ToTensor (float in [0, 1]), two views per sample."""
 
     def __init__(self, source, size: int, s: float = 1.0):
         from torchvision import transforms as T
@@ -49,7 +49,7 @@ class _SeedStyle(torch.utils.data.Dataset):
         jitter = T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
         self.source = source
         self.transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
-                                    T.RandomApply([jitter], p=0.8), T.RandomGrayscale(p=0.2), T.PILToTensor()])
+                                    T.RandomApply([jitter], p=0.8), T.RandomGrayscale(p=0.2), T.ToTensor()])
 
     def __len__(self):
         return len(self.source)

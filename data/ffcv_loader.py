@@ -48,7 +48,8 @@ def beton_size(path: str) -> int:
 
 def _two_view_decoder(image_size: int, scale, ratio, seed: int, flip_prob: float = 0.5):
     """FFCV's RandomResizedCropRGBImageDecoder made two-view and seeded: each stored image is decoded once and
-    cropped + resized + flipped twice into a (2S, S, 3) slot (view 1 on top of view 2).
+    cropped + resized + flipped twice into a (2S, S, 3) slot (view 1 on top of view 2). Where both crops are at
+    least 2x (4x, 8x) the output side, the JPEG is decoded at 1/2 (1/4, 1/8) scale (see _jpeg_reduction).
 
     Two pipelines on one field would decode every JPEG twice (measured: half the samples/s). FFCV 1.0.2 draws
     crops (and RandomHorizontalFlip its flips) from numba's per-thread global state, which no seed reaches; here
@@ -65,6 +66,7 @@ def _two_view_decoder(image_size: int, scale, ratio, seed: int, flip_prob: float
             imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
             mix_c, crop_c = Compiler.compile(_mix), Compiler.compile(_crop_flip_generator(Compiler.compile(_uniform)))
             flip_c = Compiler.compile(_flip_columns)
+            reduction_c, scaled_c = Compiler.compile(_jpeg_reduction), Compiler.compile(_scaled)
             scale_a, ratio_a, side, flip_p = np.array(self.scale), np.array(self.ratio), image_size, flip_prob
             with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
                 base = _mix(np.uint64(seed))
@@ -78,18 +80,29 @@ def _two_view_decoder(image_size: int, scale, ratio, seed: int, flip_prob: float
                     field = metadata[batch_indices[dst_ix]]
                     image_data = mem_read(field["data_ptr"], storage_state)
                     height, width = np.uint32(field["height"]), np.uint32(field["width"])
-                    if field["mode"] == jpg:
-                        buffer = temp_storage[dst_ix]
-                        imdecode_c(image_data, buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                        image = buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                    else:
-                        image = image_data.reshape(height, width, 3)
+                    boxes = np.empty((2, 5), dtype=np.int64)  # per view: top, left, height, width, flip
                     for view in range(2):
                         key = mix_c(batch_key + np.uint64(2 * dst_ix + view) * np.uint64(0x632BE59BD9B4E019))
                         i, j, h, w, flip = crop_c(height, width, scale_a, ratio_a, flip_p, key)
+                        boxes[view, 0], boxes[view, 1], boxes[view, 2], boxes[view, 3] = i, j, h, w
+                        boxes[view, 4] = 1 if flip else 0
+                    denom = 1
+                    if field["mode"] == jpg:
+                        denom = reduction_c(boxes, side)
+                        buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, buffer, height, width, height, width, 0, 0, 1, denom, False, False)
+                        rows, cols = (height + denom - 1) // denom, (width + denom - 1) // denom
+                        image = buffer.reshape(-1)[:3 * rows * cols].reshape(rows, cols, 3)
+                    else:
+                        rows, cols = height, width
+                        image = image_data.reshape(height, width, 3)
+                    for view in range(2):
+                        i, j, h, w = boxes[view, 0], boxes[view, 1], boxes[view, 2], boxes[view, 3]
+                        top, bottom = scaled_c(i, denom, rows), scaled_c(i + h, denom, rows)
+                        left, right = scaled_c(j, denom, cols), scaled_c(j + w, denom, cols)
                         out = destination[dst_ix, view * side:(view + 1) * side]
-                        resize_crop_c(image, i, i + h, j, j + w, out)
-                        if flip:
+                        resize_crop_c(image, top, max(bottom, top + 1), left, max(right, left + 1), out)
+                        if boxes[view, 4]:
                             flip_c(out)
                 return destination[:len(batch_indices)]
 
@@ -99,6 +112,24 @@ def _two_view_decoder(image_size: int, scale, ratio, seed: int, flip_prob: float
     decoder = TwoViewCropFlipDecoder((image_size, image_size), tuple(scale), tuple(ratio))
     decoder.output_size = (2 * image_size, image_size)  # the slot holds both views
     return decoder
+
+
+def _jpeg_reduction(boxes, side):
+    """The largest d in (1, 2, 4, 8) with every crop side still >= `side` pixels after a 1/d JPEG decode.
+
+    libjpeg-turbo decodes at 1/2, 1/4, 1/8 in the DCT domain (a box-filtered reduction, SIMD like the full decode)
+    for a fraction of the work; the crops then shrink from a smaller image. A crop is never upscaled by the
+    reduction: it applies only where both views are downscaled by at least 2x anyway."""
+    smallest = min(min(boxes[0, 2], boxes[0, 3]), min(boxes[1, 2], boxes[1, 3]))
+    denom = 1
+    while denom < 8 and smallest >= 2 * denom * side:
+        denom *= 2
+    return denom
+
+
+def _scaled(coordinate, denom, limit):
+    """A full-resolution pixel coordinate in an image decoded at 1/denom, rounded, within [0, limit]."""
+    return min((coordinate + denom // 2) // denom, limit)
 
 
 def _flip_columns(image):
@@ -157,13 +188,13 @@ class FFCVTwoViewLoader:
     """Yields (view1, view2) uint8 [batch_size, 3, S, S] for this rank from a .beton written by data.prepare.
 
     One FFCV pipeline on the 'image' field whose decoder (see _two_view_decoder) decodes each image once and
-    random-resized-crops (scale, ratio) and flips it (flip_prob) twice, seeded per sample: a (seed, epoch) gives the same
-    batches on every run and thread count. Order: with order='random', this rank's shard is torch's
+    random-resized-crops (scale, ratio) and flips it (flip_prob) twice, seeded per sample: a (seed, epoch) gives
+    the same batches on every run and thread count. Order: with order='random', this rank's shard is torch's
     DistributedSampler(shuffle, seed, drop_last=True) with explicit rank/world_size (no process group needed);
     'quasi_random' (FFCV's, for data larger than RAM with os_cache=False) is single-rank in FFCV 1.0.2. On CUDA
     the uint8 batch is copied to the device non-blocking and split into the two views there. Views are fresh
-    tensors (not FFCV's reused buffers). FFCV sets torch's intra-op thread count to num_workers; the loader
-    puts it back each time.
+    tensors (not FFCV's reused buffers): [n, 3, S, S] with channels_last strides (a plain copy, not a transpose).
+    FFCV sets torch's intra-op thread count to num_workers; the loader puts it back each time.
     """
 
     def __init__(self, beton_path: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
@@ -217,9 +248,9 @@ class FFCVTwoViewLoader:
         side = self.image_size
         try:
             for step, (both,) in enumerate(iterator):  # [n, 2S, S, 3]: view 1 above view 2
-                if step >= start_step:
-                    yield (both[:, :side].permute(0, 3, 1, 2).contiguous(),
-                           both[:, side:].permute(0, 3, 1, 2).contiguous())
+                if step >= start_step:  # plain copies out of FFCV's buffers, NCHW in channels_last strides
+                    yield (both[:, :side].clone().permute(0, 3, 1, 2),
+                           both[:, side:].clone().permute(0, 3, 1, 2))
         finally:  # stop FFCV's worker thread when the caller leaves the epoch early
             iterator.close()
             iterator.join(timeout=10)

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 -m trainer.eval --checkpoint runs/stl10_r18 --dataset stl10 --data-dir data/stl10
 
 Rows: SimCLR backbone, the same backbone at random initialization, PCA on raw pixels (<= 256 dims) and raw
-pixels (small sets), each with a logistic-regression probe and a weighted kNN (k=200, T=0.1, cosine).
+pixels (small sets), each with a logistic-regression probe (standardized features, as the seed's StandardScaler)
+and a weighted kNN (k=200, T=0.1, cosine on features centered by the train mean; --knn-plain: uncentered).
 Features are extracted once (sharded across ranks under torchrun, AMP on CUDA); the classifiers run on rank 0.
 Writes eval.json and eval.md next to the checkpoint (or to --out).
 """
@@ -118,7 +119,8 @@ def evaluate(args) -> dict:
         if not ctx.is_main:
             return {}
         rows = _rows(args, feats, train_src, test_src, train_y, test_y, cfg, info)
-        return {"dataset": args.dataset, "image_size": size, "rows": rows, **info}
+        knn = {"k": args.knn_k, "temperature": args.knn_temperature, "centered": not args.knn_plain}
+        return {"dataset": args.dataset, "image_size": size, "knn": knn, "rows": rows, **info}
     finally:
         distributed.shutdown()
 
@@ -129,7 +131,8 @@ def _rows(args, feats, train_src, test_src, train_y, test_y, cfg, info) -> list[
 
     def add(extractor, architecture, train_x, test_x, head_dim, epochs):
         lin = linear_probe(train_x, train_y, test_x, test_y, seed=cfg.seed, device=args.probe_device)["top1"]
-        knn = knn_classify(train_x, train_y, test_x, test_y, k=args.knn_k, temperature=args.knn_temperature)["top1"]
+        knn = knn_classify(train_x, train_y, test_x, test_y, k=args.knn_k, temperature=args.knn_temperature,
+                           center=not args.knn_plain)["top1"]
         dim = train_x.shape[1]
         rows.append(result_row("Logistic Regression", extractor, architecture, dim, head_dim, epochs, lin))
         rows.append(result_row("KNN", extractor, architecture, dim, head_dim, epochs, knn))
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--knn-k", type=int, default=200)
     parser.add_argument("--knn-temperature", type=float, default=0.1)
+    parser.add_argument("--knn-plain", action="store_true",
+                        help="kNN on uncentered features (InstDisc as published); default: centered by the train mean")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--probe-device", default=None, help="where the linear probe trains (default: CUDA if any)")
     parser.add_argument("--out", help="folder for eval.json and eval.md (default: the run directory)")

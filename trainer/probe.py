@@ -231,25 +231,31 @@ def linear_probe(
 @torch.no_grad()
 def knn_scores(
     train_x, train_y, query_x, k: int = 200, temperature: float = 0.1, num_classes: int | None = None,
-    chunk_size: int = 1024, device=None,
+    chunk_size: int = 1024, device=None, center: bool = True,
 ) -> torch.Tensor:
     """Class votes (m, C) of the weighted kNN monitor of InstDisc / DINO, as float32 on CPU.
 
-    Rows are L2-normalized; each query's k most cosine-similar train rows (k capped at the bank
-    size) vote for their class with weight exp((sim - 1) / temperature), i.e. exp(sim / T) scaled by
-    the constant exp(-1 / T) so that small temperatures do not overflow (rankings are unchanged).
-    Queries are processed ``chunk_size`` rows at a time, so memory is chunk_size x n_train.
+    With ``center`` (the default) the bank's mean feature is first subtracted from bank and queries
+    (cosine similarity around the data, not around the origin: the PCA baseline is centered by
+    construction, and post-ReLU backbone features all share one large positive direction that
+    otherwise crowds every query's neighbourhood with other classes). Rows are then L2-normalized;
+    each query's k most cosine-similar train rows (k capped at the bank size) vote for their class
+    with weight exp((sim - 1) / temperature), i.e. exp(sim / T) scaled by the constant exp(-1 / T)
+    so that small temperatures do not overflow (rankings are unchanged). center=False is the plain
+    InstDisc computation. Queries are processed ``chunk_size`` rows at a time (memory chunk_size x n_train).
     """
     device = _resolve_device(device)
     train_y = _as_labels(train_y)
     num_classes = num_classes if num_classes is not None else int(train_y.max()) + 1
-    bank = F.normalize(_as_float(train_x).to(device), dim=1)  # (n, d)
+    bank = _as_float(train_x).to(device)  # (n, d)
+    mean = bank.mean(0, keepdim=True) if center else torch.zeros_like(bank[:1])
+    bank = F.normalize(bank - mean, dim=1)
     bank_labels = train_y.to(device)
     query_x = _as_float(query_x)
     k = min(k, bank.shape[0])
     out = []
     for i in range(0, query_x.shape[0], chunk_size):
-        q = F.normalize(query_x[i : i + chunk_size].to(device), dim=1)
+        q = F.normalize(query_x[i : i + chunk_size].to(device) - mean, dim=1)
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (b, k) each
         weights = ((sim - 1.0) / temperature).exp()
         votes = torch.zeros(q.shape[0], num_classes, device=device)
@@ -260,14 +266,14 @@ def knn_scores(
 
 def knn_classify(
     train_x, train_y, test_x, test_y, k: int = 200, temperature: float = 0.1,
-    num_classes: int | None = None, chunk_size: int = 1024, device=None,
+    num_classes: int | None = None, chunk_size: int = 1024, device=None, center: bool = True,
 ) -> dict:
-    """Weighted kNN accuracy (see knn_scores): {"top1", "top5" (with >= 5 classes), "k"}."""
+    """Weighted kNN accuracy (see knn_scores): {"top1", "top5" (with >= 5 classes), "k", "centered"}."""
     train_y, test_y = _as_labels(train_y), _as_labels(test_y)
     num_classes = _num_classes(num_classes, train_y, test_y)
-    votes = knn_scores(train_x, train_y, test_x, k, temperature, num_classes, chunk_size, device)
+    votes = knn_scores(train_x, train_y, test_x, k, temperature, num_classes, chunk_size, device, center)
     result = topk_accuracy(votes, test_y)
-    result["k"] = min(k, len(train_y))
+    result["k"], result["centered"] = min(k, len(train_y)), center
     return result
 
 

@@ -118,3 +118,42 @@ def test_flip_prob(tmp_path, flip_prob, flipped):
     expected = expected.flip(-1) if flipped else expected
     for view in take(loader, count=1)[0]:
         assert torch.equal(view, expected.expand_as(view))
+
+
+def test_jpeg_reduction_only_where_every_crop_stays_at_least_the_output_side():
+    from data.ffcv_loader import _jpeg_reduction
+
+    def boxes(*sides):
+        return np.array([[0, 0, h, w, 0] for h, w in sides], dtype=np.int64)
+
+    assert _jpeg_reduction(boxes((100, 100), (100, 100)), 96) == 1
+    assert _jpeg_reduction(boxes((192, 300), (250, 200)), 96) == 2
+    assert _jpeg_reduction(boxes((400, 400), (191, 400)), 96) == 1  # one view would be upscaled
+    assert _jpeg_reduction(boxes((384, 400), (390, 500)), 96) == 4
+    assert _jpeg_reduction(boxes((5000, 5000), (5000, 5000)), 32) == 8
+
+
+def test_crop_coordinates_map_to_the_reduced_image():
+    from data.ffcv_loader import _scaled
+
+    assert [_scaled(c, 4, 64) for c in (0, 1, 2, 100, 102, 255)] == [0, 0, 1, 25, 26, 64]
+    assert _scaled(256, 8, 32) == 32 and _scaled(257, 8, 32) == 32  # clamped to the decoded size
+
+
+def test_reduced_jpeg_decode_matches_a_full_decode_and_area_resize(tmp_path):
+    """Whole-image views of a 256x256 photograph at 32 px: FFCV decodes the JPEG at 1/8 scale; the views must
+    equal PIL's full decode + area resize (OpenCV INTER_AREA) within JPEG / filter differences."""
+    import cv2
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from sklearn.datasets import load_sample_image
+
+    photo = load_sample_image("china.jpg")[100:356, 150:406].copy()
+    path = str(tmp_path / "photo.beton")
+    DatasetWriter(path, {"image": RGBImageField(write_mode="jpg", jpeg_quality=95), "label": IntField()},
+                  num_workers=1).from_indexed_dataset([(photo, 0)] * 16)
+    loader = FFCVTwoViewLoader(path, 8, 32, num_workers=1, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0.0)
+    reference = torch.from_numpy(cv2.resize(photo, (32, 32), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)
+    for view in take(loader, count=1)[0]:
+        difference = (view.float() - reference.float()).abs()
+        assert difference.mean() < 3 and difference.max() < 40, (difference.mean(), difference.max())

@@ -34,10 +34,11 @@ def test_linear_probe_close_to_sklearn_on_digits(digits_split):
     assert ours > 0.93
 
 
-def brute_force_knn(train_x, train_y, test_x, k, temperature, num_classes):
-    """Direct loops: cosine similarity, top-k neighbours, votes exp(sim / T) summed per class."""
-    tx = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
-    qx = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+def brute_force_knn(train_x, train_y, test_x, k, temperature, num_classes, center=True):
+    """Direct loops: (centered) cosine similarity, top-k neighbours, votes exp(sim / T) summed per class."""
+    mean = train_x.mean(0) if center else np.zeros(train_x.shape[1])
+    tx = (train_x - mean) / np.linalg.norm(train_x - mean, axis=1, keepdims=True)
+    qx = (test_x - mean) / np.linalg.norm(test_x - mean, axis=1, keepdims=True)
     predictions = []
     for q in qx:
         sims = tx @ q
@@ -49,15 +50,26 @@ def brute_force_knn(train_x, train_y, test_x, k, temperature, num_classes):
     return np.array(predictions)
 
 
-def test_knn_equals_brute_force(digits_split):
+@pytest.mark.parametrize("center", [True, False])
+def test_knn_equals_brute_force(digits_split, center):
     x_tr, x_te, y_tr, y_te = digits_split
     x_tr, y_tr, x_te, y_te = x_tr[:300].astype(np.float64), y_tr[:300], x_te[:80].astype(np.float64), y_te[:80]
-    expected = brute_force_knn(x_tr, y_tr, x_te, k=20, temperature=0.1, num_classes=10)
+    expected = brute_force_knn(x_tr, y_tr, x_te, k=20, temperature=0.1, num_classes=10, center=center)
     scores = knn_scores(torch.from_numpy(x_tr).float(), torch.from_numpy(y_tr), torch.from_numpy(x_te).float(),
-                        k=20, temperature=0.1, num_classes=10)
+                        k=20, temperature=0.1, num_classes=10, center=center)
     assert (scores.argmax(1).numpy() == expected).mean() >= 0.99  # float32 vs float64 near-ties at most
-    out = knn_classify(x_tr, y_tr, x_te, y_te, k=20, temperature=0.1, chunk_size=7)
+    out = knn_classify(x_tr, y_tr, x_te, y_te, k=20, temperature=0.1, chunk_size=7, center=center)
     assert out["top1"] == pytest.approx((expected == y_te).mean(), abs=1 / 80 + 1e-9)
+
+
+def test_centered_knn_ignores_a_constant_offset_plain_does_not(digits_split):
+    x_tr, x_te, y_tr, y_te = digits_split
+    x_tr, x_te = x_tr.astype(np.float64), x_te.astype(np.float64)
+    shifted = [x + 100.0 for x in (x_tr, x_te)]
+    centered = [knn_classify(a, y_tr, b, y_te)["top1"] for a, b in ((x_tr, x_te), shifted)]
+    plain = [knn_classify(a, y_tr, b, y_te, center=False)["top1"] for a, b in ((x_tr, x_te), shifted)]
+    assert centered[0] == pytest.approx(centered[1], abs=1e-6)
+    assert plain[1] < plain[0] - 0.03  # an offset crowds every neighbourhood under plain cosine
     assert knn_classify(x_tr[:5], y_tr[:5], x_te, y_te, k=200)["k"] == 5  # k capped at the bank size
 
 
