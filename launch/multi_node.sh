@@ -27,6 +27,9 @@ set -euo pipefail
 repo_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # This checkout's trainer, whatever the working directory (relative paths in the arguments stay yours).
 export PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}"
+launcher=multi_node.sh
+# shellcheck source=launch/common.sh
+source "$repo_dir/launch/common.sh"
 
 missing=()
 [ -n "${MASTER_ADDR:-}" ] || missing+=("MASTER_ADDR (the rendezvous host, e.g. the first node: MASTER_ADDR=node0)")
@@ -43,33 +46,6 @@ if ! [[ "$NNODES" =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]]; then
   echo "multi_node.sh: NNODES='$NNODES' must be a positive integer or MIN:MAX" >&2
   exit 2
 fi
-
-gpu_count() {
-  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
-    case "$CUDA_VISIBLE_DEVICES" in
-      "" | -*) echo 0 ;;
-      *) tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . ;;
-    esac
-  elif command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-  else
-    echo 0
-  fi
-}
-
-find_torchrun() {
-  local venv_torchrun="${VENV_DIR:-$repo_dir/.venv}/bin/torchrun"
-  if [ -n "${TORCHRUN:-}" ]; then
-    echo "$TORCHRUN"
-  elif [ -x "$venv_torchrun" ]; then
-    echo "$venv_torchrun"
-  elif command -v torchrun >/dev/null 2>&1; then
-    command -v torchrun
-  else
-    echo "multi_node.sh: torchrun not found: run 'bash launch/install.sh' or set TORCHRUN" >&2
-    return 1
-  fi
-}
 
 gpus=$(gpu_count)
 nproc_per_node="${NPROC:-$((gpus > 0 ? gpus : 1))}"

@@ -23,34 +23,9 @@ set -euo pipefail
 repo_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # This checkout's trainer, whatever the working directory (relative paths in the arguments stay yours).
 export PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}"
-
-# Visible GPUs: CUDA_VISIBLE_DEVICES wins (a scheduler may have narrowed it), then nvidia-smi.
-gpu_count() {
-  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
-    case "$CUDA_VISIBLE_DEVICES" in
-      "" | -*) echo 0 ;;
-      *) tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . ;;
-    esac
-  elif command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-  else
-    echo 0
-  fi
-}
-
-find_torchrun() {
-  local venv_torchrun="${VENV_DIR:-$repo_dir/.venv}/bin/torchrun"
-  if [ -n "${TORCHRUN:-}" ]; then
-    echo "$TORCHRUN"
-  elif [ -x "$venv_torchrun" ]; then
-    echo "$venv_torchrun"
-  elif command -v torchrun >/dev/null 2>&1; then
-    command -v torchrun
-  else
-    echo "single_node.sh: torchrun not found: run 'bash launch/install.sh' or set TORCHRUN" >&2
-    return 1
-  fi
-}
+launcher=single_node.sh
+# shellcheck source=launch/common.sh
+source "$repo_dir/launch/common.sh"
 
 gpus=$(gpu_count)
 nproc_per_node="${NPROC:-$((gpus > 0 ? gpus : 1))}"
