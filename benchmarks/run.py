@@ -192,14 +192,18 @@ def summary(results: dict, env: dict) -> str:
         lines += ["## Loader (samples/s as two views)"]
         for size in ("96px", "224px"):
             r = lr[size]
-            lines.append(f"- {size}: FFCV {r['a_ffcv_two_views']:.0f}, torchvision + full augmentation "
-                         f"{r['b_torchvision_full_augmentation']:.0f}, JPEG decode {r['c_jpeg_decode_only']:.0f}, "
-                         f"device augment {r['d_device_augment_views_per_s']:.0f} views/s")
+            lines.append(f"- {size}: (a) FFCV {r['a_ffcv_two_views']:.0f} (stock two pipelines "
+                         f"{r['a0_stock_ffcv_two_pipelines']:.0f}), (b) the seed's PIL pipeline "
+                         f"{r['b_torchvision_full_augmentation']:.0f}, (c) JPEG decode {r['c_jpeg_decode_only']:.0f}, "
+                         f"(d) device augment {r['d_device_augment_views_per_s']:.0f} views/s; "
+                         f"**a/b {r['ratio_a_over_b']:.2f}** (goal >= 3), **a/c {r['ratio_a_over_c']:.2f}** (goal >= 0.5)")
         lines.append("")
     if "step" in results or "loader" in results:
         batch = results.get("step", {}).get("fastest_fitting_batch")
         workers = results.get("loader", {}).get("results", {}).get("ffcv_workers_sweep_96px", {}).get("fastest_workers")
-        lines += ["## Tuning", f"- fastest setting here: per-device batch {batch}, loader workers {workers}", ""]
+        fastest = ([f"per-device batch {batch}"] if batch is not None else []) + \
+                  ([f"loader workers {workers}"] if workers is not None else [])
+        lines += ["## Tuning", f"- fastest setting here: {', '.join(fastest)}", ""]
     if "end_to_end" in results:
         e = results["end_to_end"]
         lines += ["## End to end (quickstart, 1 process)", f"- {e['steps_per_s']:.2f} steps/s, "
