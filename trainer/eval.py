@@ -31,14 +31,19 @@ ARCH = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50
 
 
 # ----------------------------------------------------------------------------- data
-class _Resized(torch.utils.data.Dataset):
-    """A torchvision data set as (uint8 [3, S, S] resized + center-cropped, label): the probe's protocol."""
+# ImageNet's evaluation protocol: shorter side resized to S / 0.875 (256 for 224), then the central S x S
+CENTER_CROP_FRACTION = {"imagefolder": 0.875}
 
-    def __init__(self, dataset, image_size: int):
+
+class _Resized(torch.utils.data.Dataset):
+    """A torchvision data set as (uint8 [3, S, S], label): shorter side resized to S / crop_fraction, then the
+    central S x S (the probe's protocol; crop_fraction 1 for the fixed-size sets: STL10 96, CIFAR 32)."""
+
+    def __init__(self, dataset, image_size: int, crop_fraction: float = 1.0):
         from torchvision.transforms import v2
 
         self.dataset = dataset
-        self.transform = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True),
+        self.transform = v2.Compose([v2.PILToTensor(), v2.Resize(round(image_size / crop_fraction), antialias=True),
                                      v2.CenterCrop(image_size)])
 
     def __len__(self) -> int:
@@ -70,7 +75,7 @@ def labeled_splits(name: str, data_dir: str | None, image_size: int, seed: int, 
         splits = tvd.ImageFolder(Path(data_dir) / "train"), tvd.ImageFolder(Path(data_dir) / "val")
     else:
         raise ValueError(f"--dataset {name}: choose digits, cifar10, cifar100, stl10 or imagefolder")
-    return tuple((_Resized(ds, image_size), None) for ds in splits)
+    return tuple((_Resized(ds, image_size, CENTER_CROP_FRACTION.get(name, 1.0)), None) for ds in splits)
 
 
 # ----------------------------------------------------------------------------- model

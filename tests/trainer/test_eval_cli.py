@@ -1,6 +1,7 @@
 """The evaluation and fine-tuning commands on digits: an exported backbone evaluates, subsets are balanced."""
 import json
 
+import numpy as np
 import torch
 
 from trainer import checkpoint
@@ -51,3 +52,25 @@ def test_finetune_learns_digits_from_ten_percent_of_labels():
     result = finetune(backbone, images[subset], labels[subset], images[1200:], labels[1200:], epochs=15, lr=0.05,
                       batch_size=32, device=torch.device("cpu"), seed=0)
     assert result["train_images"] == len(subset) and result["top1"] > 0.25  # chance is 0.1
+
+
+def test_imagefolder_protocol_center_crops_the_border_away(tmp_path):
+    """ImageNet's protocol: shorter side to S / 0.875, central S x S; a 2-px frame is cut off, while the
+    fixed-size sets (crop fraction 1) keep their whole short side."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    from trainer.eval import labeled_splits
+
+    framed = np.full((48, 64, 3), 255, dtype=np.uint8)
+    framed[:2], framed[-2:], framed[:, :2], framed[:, -2:] = (255, 0, 0), (255, 0, 0), (255, 0, 0), (255, 0, 0)
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(framed).save(tmp_path / split / "a" / "0.png")
+    (train, _), _ = labeled_splits("imagefolder", str(tmp_path), 32, seed=0)
+    image, label = train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and label == 0
+    assert image[1:].min() > 200  # no red frame left: green and blue stay white everywhere
+    from trainer.eval import _Resized
+    whole, _ = _Resized(ImageFolder(str(tmp_path / "train")), 32)[0]
+    assert whole[1, 0].float().mean() < 200  # without the margin the top rows keep the frame
