@@ -193,7 +193,7 @@ class FFCVTwoViewLoader:
     DistributedSampler(shuffle, seed, drop_last=True) with explicit rank/world_size (no process group needed);
     'quasi_random' (FFCV's, for data larger than RAM with os_cache=False) is single-rank in FFCV 1.0.2. On CUDA
     the uint8 batch is copied to the device non-blocking and split into the two views there. Views are fresh
-    tensors (not FFCV's reused buffers): [n, 3, S, S] with channels_last strides (a plain copy, not a transpose).
+    tensors (not FFCV's reused buffers), contiguous [n, 3, S, S].
     FFCV sets torch's intra-op thread count to num_workers; the loader puts it back each time.
     """
 
@@ -248,9 +248,10 @@ class FFCVTwoViewLoader:
         side = self.image_size
         try:
             for step, (both,) in enumerate(iterator):  # [n, 2S, S, 3]: view 1 above view 2
-                if step >= start_step:  # plain copies out of FFCV's buffers, NCHW in channels_last strides
-                    yield (both[:, :side].clone().permute(0, 3, 1, 2),
-                           both[:, side:].clone().permute(0, 3, 1, 2))
+                if step >= start_step:  # contiguous NCHW copies out of FFCV's reused buffers (the device
+                    # augmentations run twice as fast on contiguous CPU tensors as on channels_last strides)
+                    yield (both[:, :side].permute(0, 3, 1, 2).contiguous(),
+                           both[:, side:].permute(0, 3, 1, 2).contiguous())
         finally:  # stop FFCV's worker thread when the caller leaves the epoch early
             iterator.close()
             iterator.join(timeout=10)

@@ -248,14 +248,17 @@ def knn_scores(
     train_y = _as_labels(train_y)
     num_classes = num_classes if num_classes is not None else int(train_y.max()) + 1
     bank = _as_float(train_x).to(device)  # (n, d)
-    mean = bank.mean(0, keepdim=True) if center else torch.zeros_like(bank[:1])
-    bank = F.normalize(bank - mean, dim=1)
+    mean = bank.mean(0, keepdim=True) if center else None
+    # one working copy of the bank (the caller's features stay untouched), normalized in place
+    bank = bank - mean if mean is not None else bank.clone()
+    bank.div_(bank.norm(dim=1, keepdim=True).clamp_min_(1e-12))  # = F.normalize(bank, dim=1)
     bank_labels = train_y.to(device)
     query_x = _as_float(query_x)
     k = min(k, bank.shape[0])
     out = []
     for i in range(0, query_x.shape[0], chunk_size):
-        q = F.normalize(query_x[i : i + chunk_size].to(device) - mean, dim=1)
+        q = query_x[i : i + chunk_size].to(device)
+        q = F.normalize(q - mean if mean is not None else q, dim=1)
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (b, k) each
         weights = ((sim - 1.0) / temperature).exp()
         votes = torch.zeros(q.shape[0], num_classes, device=device)

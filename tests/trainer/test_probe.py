@@ -88,3 +88,11 @@ def test_markdown_table_in_the_seeds_format():
     table = markdown_table(rows)
     assert table.splitlines()[0].startswith("| Linear Classifier | Feature Extractor | Architecture |")
     assert "70.3%" in table and "31.8%" in table
+
+
+def test_knn_leaves_the_callers_features_unchanged(digits_split):
+    x_tr, x_te, y_tr, y_te = digits_split
+    bank, queries = torch.from_numpy(x_tr).clone(), torch.from_numpy(x_te).clone()
+    before = bank.clone(), queries.clone()
+    knn_classify(bank, y_tr, queries, y_te)
+    assert torch.equal(bank, before[0]) and torch.equal(queries, before[1])
