@@ -101,7 +101,7 @@ def _two_view_decoder(image_size: int, scale, ratio, seed: int, flip_prob: float
                         top, bottom = scaled_c(i, denom, rows), scaled_c(i + h, denom, rows)
                         left, right = scaled_c(j, denom, cols), scaled_c(j + w, denom, cols)
                         out = destination[dst_ix, view * side:(view + 1) * side]
-                        resize_crop_c(image, top, max(bottom, top + 1), left, max(right, left + 1), out)
+                        resize_crop_c(image, top, bottom, left, right, out)  # never empty: see _jpeg_reduction
                         if boxes[view, 4]:
                             flip_c(out)
                 return destination[:len(batch_indices)]
@@ -119,7 +119,8 @@ def _jpeg_reduction(boxes, side):
 
     libjpeg-turbo decodes at 1/2, 1/4, 1/8 in the DCT domain (a box-filtered reduction, SIMD like the full decode)
     for a fraction of the work; the crops then shrink from a smaller image. A crop is never upscaled by the
-    reduction: it applies only where both views are downscaled by at least 2x anyway."""
+    reduction: it applies only where both views are downscaled by at least 2x anyway (so every reduced crop
+    keeps at least `side` pixels a side and is never empty)."""
     smallest = min(min(boxes[0, 2], boxes[0, 3]), min(boxes[1, 2], boxes[1, 3]))
     denom = 1
     while denom < 8 and smallest >= 2 * denom * side:
@@ -142,7 +143,8 @@ def _flip_columns(image):
 
 
 def _crop_flip_generator(uniform):
-    """get_random_crop of FFCV 1.0.2 (torchvision's algorithm) with draws from `uniform(key, n)`, plus a flip with flip_prob."""
+    """get_random_crop of FFCV 1.0.2 (torchvision's algorithm) with draws from `uniform(key, n)`, plus a flip
+    with probability flip_prob."""
 
     def crop_flip(height, width, scale, ratio, flip_prob, key):
         area, log_ratio = height * width, np.log(ratio)

@@ -25,7 +25,8 @@ def split_indices(count: int, valid_fraction: float, seed: int) -> tuple[torch.T
 
 
 class MemoryTwoViewLoader:
-    """Yields (view1, view2) uint8 [batch_size, 3, S, S] after random-resized-crop + flip (flip_prob), for this rank's shard.
+    """Yields (view1, view2) uint8 [batch_size, 3, S, S] after random-resized-crop + flip (flip_prob), for this
+    rank's shard.
 
     The order of epoch e is DistributedSampler(shuffle, seed, drop_last) with set_epoch(e); the crops of step k
     come from a generator seeded with (seed, rank, epoch, k): a pure function of the position, so a resumed run

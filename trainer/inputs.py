@@ -57,8 +57,7 @@ def _in_memory(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
 def _two_view_loader(cfg: Config, ctx: DistContext, indices, batch_size: int, seed: int, images=None, source=None):
     d = cfg.dataset
     common = dict(batch_size=batch_size, image_size=d.image_size, rank=ctx.rank, world_size=ctx.world_size,
-                  seed=seed, indices=indices)
-    common.update(scale=(d.crop_min_scale, 1.0), flip_prob=d.flip_prob)
+                  seed=seed, indices=indices, scale=(d.crop_min_scale, 1.0), flip_prob=d.flip_prob)
     if d.loader == "memory":
         return MemoryTwoViewLoader(images, device=ctx.device, **common)
     if d.loader == "torchvision":

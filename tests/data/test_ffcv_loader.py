@@ -157,3 +157,28 @@ def test_reduced_jpeg_decode_matches_a_full_decode_and_area_resize(tmp_path):
     for view in take(loader, count=1)[0]:
         difference = (view.float() - reference.float()).abs()
         assert difference.mean() < 3 and difference.max() < 40, (difference.mean(), difference.max())
+
+
+def test_reduced_decode_keeps_random_crops_where_they_were(tmp_path):
+    """A 256x256 JPEG whose red channel is the column and green the row; 128x128 crops at random places, 32 px
+    views (decoded at 1/4): each view must span the crop's 128 columns and rows (pixel centers 2 .. 126 of
+    them) at a position inside the image, exactly as a full-resolution crop would."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    ramp = np.arange(256, dtype=np.uint8)
+    image = np.stack([np.broadcast_to(ramp[None, :], (256, 256)), np.broadcast_to(ramp[:, None], (256, 256)),
+                      np.zeros((256, 256), np.uint8)], axis=-1).copy()
+    path = str(tmp_path / "coords.beton")
+    DatasetWriter(path, {"image": RGBImageField(write_mode="jpg", jpeg_quality=100), "label": IntField()},
+                  num_workers=1).from_indexed_dataset([(image, 0)] * 16)
+    loader = FFCVTwoViewLoader(path, 16, 32, num_workers=2, scale=(0.25, 0.25), ratio=(1.0, 1.0), flip_prob=0.0)
+    lefts = set()
+    for view in take(loader, count=1)[0]:
+        columns, rows = view[:, 0].float().mean(1), view[:, 1].float().mean(2)  # [n, 32] each
+        for along in (columns, rows):
+            span = along[:, -1] - along[:, 0]
+            assert ((span - 124).abs() <= 4).all(), span
+            assert (along[:, 0] >= 0).all() and (along[:, -1] <= 255).all()
+        lefts.update(int(v) // 8 for v in columns[:, 0])
+    assert len(lefts) > 3  # the crops really are at different places
