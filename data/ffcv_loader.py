@@ -48,26 +48,38 @@ def beton_size(path: str) -> int:
 
 def _two_view_decoder(image_size: int, scale, ratio, seed: int, flip_prob: float = 0.5):
     """FFCV's RandomResizedCropRGBImageDecoder made two-view and seeded: each stored image is decoded once and
-    cropped + resized + flipped twice into a (2S, S, 3) slot (view 1 on top of view 2). Where both crops are at
-    least 2x (4x, 8x) the output side, the JPEG is decoded at 1/2 (1/4, 1/8) scale (see _jpeg_reduction).
+    cropped + resized + flipped twice into a (2, 3, S, S) slot: the two views, channels first, transposed (and
+    mirrored) by the worker threads that resized them. Where both crops are at least 2x (4x, 8x) the output side,
+    the JPEG is decoded at 1/2 (1/4, 1/8) scale (see _jpeg_reduction).
 
     Two pipelines on one field would decode every JPEG twice (measured: half the samples/s). FFCV 1.0.2 draws
     crops (and RandomHorizontalFlip its flips) from numba's per-thread global state, which no seed reaches; here
     the draws of a sample come from the key mix(seed, the batch's sample ids in order, its slot, view). The
     order is a function of (seed, epoch), so the crops are too: on every run, any num_workers, any resume point.
     """
+    from dataclasses import replace
+
     from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
     from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
     class TwoViewCropFlipDecoder(RandomResizedCropRGBImageDecoder):
+        def declare_state_and_memory(self, previous_state):
+            self.max_width, self.max_height = (np.uint64(self.metadata[k].max()) for k in ("width", "height"))
+            slot = (2, 3, image_size, image_size)
+            scratch = self.max_height * self.max_width * np.uint64(3) + np.uint64(3 * image_size * image_size)
+            return (replace(previous_state, jit_mode=True, shape=slot, dtype=np.dtype("<u1")),
+                    (AllocationQuery(slot, np.dtype("<u1")), AllocationQuery((scratch,), np.dtype("<u1"))))
+
         def generate_code(self):
             jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
             imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
             mix_c, crop_c = Compiler.compile(_mix), Compiler.compile(_crop_flip_generator(Compiler.compile(_uniform)))
-            flip_c = Compiler.compile(_flip_columns)
+            planar_c = Compiler.compile(_to_planar)
             reduction_c, scaled_c = Compiler.compile(_jpeg_reduction), Compiler.compile(_scaled)
             scale_a, ratio_a, side, flip_p = np.array(self.scale), np.array(self.ratio), image_size, flip_prob
+            image_bytes = int(self.max_height * self.max_width * np.uint64(3))  # then one resized view (S, S, 3)
             with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
                 base = _mix(np.uint64(seed))
 
@@ -86,32 +98,28 @@ def _two_view_decoder(image_size: int, scale, ratio, seed: int, flip_prob: float
                         i, j, h, w, flip = crop_c(height, width, scale_a, ratio_a, flip_p, key)
                         boxes[view, 0], boxes[view, 1], boxes[view, 2], boxes[view, 3] = i, j, h, w
                         boxes[view, 4] = 1 if flip else 0
-                    denom = 1
+                    denom, scratch = 1, temp_storage[dst_ix]
                     if field["mode"] == jpg:
                         denom = reduction_c(boxes, side)
-                        buffer = temp_storage[dst_ix]
-                        imdecode_c(image_data, buffer, height, width, height, width, 0, 0, 1, denom, False, False)
+                        imdecode_c(image_data, scratch, height, width, height, width, 0, 0, 1, denom, False, False)
                         rows, cols = (height + denom - 1) // denom, (width + denom - 1) // denom
-                        image = buffer.reshape(-1)[:3 * rows * cols].reshape(rows, cols, 3)
+                        image = scratch[:3 * rows * cols].reshape(rows, cols, 3)
                     else:
                         rows, cols = height, width
                         image = image_data.reshape(height, width, 3)
+                    resized = scratch[image_bytes:image_bytes + 3 * side * side].reshape(side, side, 3)
                     for view in range(2):
                         i, j, h, w = boxes[view, 0], boxes[view, 1], boxes[view, 2], boxes[view, 3]
                         top, bottom = scaled_c(i, denom, rows), scaled_c(i + h, denom, rows)
                         left, right = scaled_c(j, denom, cols), scaled_c(j + w, denom, cols)
-                        out = destination[dst_ix, view * side:(view + 1) * side]
-                        resize_crop_c(image, top, bottom, left, right, out)  # never empty: see _jpeg_reduction
-                        if boxes[view, 4]:
-                            flip_c(out)
+                        resize_crop_c(image, top, bottom, left, right, resized)  # never empty: see _jpeg_reduction
+                        planar_c(resized, destination[dst_ix, view], boxes[view, 4] == 1)
                 return destination[:len(batch_indices)]
 
             decode.is_parallel = True
             return decode
 
-    decoder = TwoViewCropFlipDecoder((image_size, image_size), tuple(scale), tuple(ratio))
-    decoder.output_size = (2 * image_size, image_size)  # the slot holds both views
-    return decoder
+    return TwoViewCropFlipDecoder((image_size, image_size), tuple(scale), tuple(ratio))
 
 
 def _jpeg_reduction(boxes, side):
@@ -133,13 +141,19 @@ def _scaled(coordinate, denom, limit):
     return min((coordinate + denom // 2) // denom, limit)
 
 
-def _flip_columns(image):
-    """Mirrors an HWC image left-right in place."""
-    side = image.shape[1]
+def _to_planar(image, planes, mirror):
+    """Writes an (S, S, 3) image into (3, S, S) planes, mirrored left-right if `mirror`."""
+    last = image.shape[1] - 1
     for r in range(image.shape[0]):
-        for c in range(side // 2):
-            for ch in range(3):
-                image[r, c, ch], image[r, side - 1 - c, ch] = image[r, side - 1 - c, ch], image[r, c, ch]
+        row = image[r]
+        for ch in range(3):
+            plane_row = planes[ch, r]
+            if mirror:
+                for c in range(last + 1):
+                    plane_row[last - c] = row[c, ch]
+            else:
+                for c in range(last + 1):
+                    plane_row[c] = row[c, ch]
 
 
 def _crop_flip_generator(uniform):
@@ -224,10 +238,26 @@ class FFCVTwoViewLoader:
         torch.set_num_threads(threads)
         if order == "random":
             self.loader.traversal_order = _ShardOrder(self.loader.indices.astype(np.int64), rank, world_size, seed)
+        self._epoch = None
+        self._reuse_buffers_across_epochs()
         self.steps_per_epoch = len(self.loader.traversal_order.sample_order(0)) // batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"{beton_path}: {len(self.loader.indices)} images cannot fill one batch of "
                              f"{batch_size} per rank on {world_size} rank(s): lower batch_size")
+
+    def _reuse_buffers_across_epochs(self) -> None:
+        """FFCV 1.0.2 allocates every batch buffer afresh at each epoch start (batches_ahead + 2 slots of output
+        and decode scratch: ~280 MB at 224 px, batch 64), and the first touch of those pages costs each epoch a
+        pause; allocate them once instead. Safe because one epoch runs at a time (see batches)."""
+        graph, buffers = self.loader.graph, {}
+        allocate = graph.allocate_memory
+
+        def allocate_once(batch_size, batch_slots):
+            if (batch_size, batch_slots) not in buffers:
+                buffers[batch_size, batch_slots] = allocate(batch_size, batch_slots)
+            return buffers[batch_size, batch_slots]
+
+        graph.allocate_memory = allocate_once
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -235,25 +265,35 @@ class FFCVTwoViewLoader:
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches from `start_step` on. order='random' leaves the skipped batches out of the order
         (never loaded; crops depend on a batch's own samples only, so they are those of an uninterrupted
-        epoch); with 'quasi_random' they are decoded and dropped."""
+        epoch); with 'quasi_random' they are decoded and dropped. One epoch runs at a time: starting another
+        stops the one before (they share FFCV's buffers)."""
+        self._stop_epoch()
         self.loader.next_epoch = epoch  # FFCV's order for an epoch is sample_order(epoch)
         sharded = isinstance(self.loader.traversal_order, _ShardOrder)
         if sharded:
             self.loader.traversal_order.skip, start_step = start_step * self.loader.batch_size, 0
         threads = torch.get_num_threads()
         try:
-            iterator = iter(self.loader)
+            self._epoch = iterator = iter(self.loader)
         finally:
             if sharded:
                 self.loader.traversal_order.skip = 0
         torch.set_num_threads(threads)
-        side = self.image_size
         try:
-            for step, (both,) in enumerate(iterator):  # [n, 2S, S, 3]: view 1 above view 2
-                if step >= start_step:  # contiguous NCHW copies out of FFCV's reused buffers (the device
-                    # augmentations run twice as fast on contiguous CPU tensors as on channels_last strides)
-                    yield (both[:, :side].permute(0, 3, 1, 2).contiguous(),
-                           both[:, side:].permute(0, 3, 1, 2).contiguous())
+            for step, (both,) in enumerate(iterator):  # [n, 2, 3, S, S]: both views, channels first
+                if self._epoch is not iterator:
+                    raise RuntimeError(f"epoch {epoch} of {self.loader.reader.file_name} was left unfinished for "
+                                       "another: one epoch of a loader runs at a time")
+                if step >= start_step:  # fresh tensors: FFCV reuses its buffers for later batches
+                    yield both[:, 0].clone(), both[:, 1].clone()
         finally:  # stop FFCV's worker thread when the caller leaves the epoch early
+            if self._epoch is iterator:  # (a later epoch may have stopped it already)
+                self._stop_epoch()
+
+    def _stop_epoch(self) -> None:
+        iterator, self._epoch = self._epoch, None
+        if iterator is not None:
             iterator.close()
             iterator.join(timeout=10)
+            if self.device.type == "cuda":  # its copies into the reused device buffers are finished
+                torch.cuda.synchronize(self.device)

@@ -36,12 +36,30 @@ def digits_loader(digits_beton):
 
 
 def take(loader, epoch=0, start_step=0, count=2):
-    """The first `count` batches from start_step, cloned (FFCV reuses its buffers)."""
-    out, batches = [], loader.batches(epoch, start_step)
-    for _ in range(count):
-        out.append(tuple(v.clone() for v in next(batches)))
+    """The first `count` batches from start_step."""
+    batches = loader.batches(epoch, start_step)
+    out = [next(batches) for _ in range(count)]
     batches.close()
     return out
+
+
+def same(batches, others):
+    return len(batches) == len(others) and all(torch.equal(a1, b1) and torch.equal(a2, b2)
+                                               for (a1, a2), (b1, b2) in zip(batches, others))
+
+
+def test_views_outlive_later_batches_and_epochs(id_beton):
+    """FFCV's buffers are reused across batches and (here) epochs; the views handed out are never overwritten,
+    and an epoch left unfinished for another stops with an error instead of yielding another's pixels."""
+    loader, fresh = (FFCVTwoViewLoader(id_beton, 8, 6, num_workers=1, seed=5) for _ in range(2))
+    first = list(loader.batches(0))
+    kept = [(a.clone(), b.clone()) for a, b in first]
+    assert same(list(loader.batches(1)), list(fresh.batches(1))) and same(first, kept)
+    left = loader.batches(2)
+    next(left)
+    assert same(list(loader.batches(3)), list(fresh.batches(3)))
+    with pytest.raises(RuntimeError, match="epoch 2 of .*ids.beton was left unfinished"):
+        next(left)
 
 
 def test_views_have_the_shape_and_differ(digits_loader, digits_beton):
