@@ -104,8 +104,10 @@ def measure(root: Path, beton: Path, size: int, batch: int, workers: int, device
     ffcv_loader = FFCVTwoViewLoader(str(beton), batch, size, num_workers=workers, seed=0)
     epochs = iter(range(10 ** 6))
     out["a_ffcv_two_views"] = _rate(lambda: ffcv_loader.batches(next(epochs)), batch, budget_s)
+    threads = torch.get_num_threads()
     stock = stock_ffcv_loader(beton, size, batch, workers)
     out["a0_stock_ffcv_two_pipelines"] = _rate(lambda: stock, batch, budget_s)
+    torch.set_num_threads(threads)  # stock FFCV's epochs set it to `workers`
     seed_loader = torch.utils.data.DataLoader(_SeedStyle(source, size), batch_size=batch, num_workers=workers,
                                               shuffle=True, drop_last=True, persistent_workers=workers > 0)
     out["b_torchvision_full_augmentation"] = _rate(lambda: seed_loader, batch, budget_s)
@@ -122,6 +124,7 @@ def measure(root: Path, beton: Path, size: int, batch: int, workers: int, device
         views += batch
     sync(device)
     out["d_device_augment_views_per_s"] = views / (time.perf_counter() - start)
+    out["d_torch_threads"] = torch.get_num_threads()
     out["ratio_a_over_b"] = out["a_ffcv_two_views"] / out["b_torchvision_full_augmentation"]
     out["ratio_a_over_c"] = out["a_ffcv_two_views"] / out["c_jpeg_decode_only"]
     out["ratio_a_over_a0"] = out["a_ffcv_two_views"] / out["a0_stock_ffcv_two_pipelines"]
@@ -149,10 +152,12 @@ def run(quick: bool = True, device: str = "cpu", workers: int = 2) -> dict:
     dev = torch.device("cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     count, budget = (256, 4.0) if quick else (1024, 15.0)
     results = {}
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         root = make_photos(Path(tmp), count)
         beton = Path(tmp) / "photos.beton"
         prepare("imagefolder", beton, str(root), write_mode="jpg", max_resolution=400, num_workers=workers)
+        torch.set_num_threads(threads)  # importing FFCV set it to 1
         for size in (96, 224):
             results[f"{size}px"] = measure(root, beton, size, 64, workers, dev, budget)
         results["ffcv_workers_sweep_96px"] = workers_sweep(beton, 96, 64, budget / 2)

@@ -1,6 +1,7 @@
 """Two-view FFCV loader: each stored image decoded with two independent, seeded random-resized crops + flips (uint8)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -38,12 +39,24 @@ def _uniform(key, n):
     return np.float64(x >> _S11) * (1.0 / 9007199254740992.0)
 
 
+@contextmanager
+def _torch_threads_kept():
+    """FFCV sets torch's intra-op thread count: to 1 when first imported, to num_workers when a loader starts an
+    epoch. Puts back the caller's on the way out."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def beton_size(path: str) -> int:
     """Number of samples stored in a .beton."""
     _import_ffcv()
-    from ffcv.reader import Reader
+    with _torch_threads_kept():
+        from ffcv.reader import Reader
 
-    return int(Reader(str(path)).num_samples)
+        return int(Reader(str(path)).num_samples)
 
 
 def _two_view_decoder(image_size: int, scale, ratio, seed: int, flip_prob: float = 0.5):
@@ -216,32 +229,32 @@ class FFCVTwoViewLoader:
     'quasi_random' (FFCV's, for data larger than RAM with os_cache=False) is single-rank in FFCV 1.0.2. On CUDA
     the uint8 batch is copied to the device non-blocking and split into the two views there. Views are fresh
     tensors (not FFCV's reused buffers), contiguous [n, 3, S, S].
-    FFCV sets torch's intra-op thread count to num_workers; the loader puts it back each time.
+    FFCV sets torch's intra-op thread count (see _torch_threads_kept); the loader keeps the caller's.
     """
 
     def __init__(self, beton_path: str, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 4, device: torch.device | str = "cpu", indices=None,
                  os_cache: bool = True, order: str = "random", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                  flip_prob: float = 0.5):
-        _import_ffcv()
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.pipeline import PipelineSpec
-        from ffcv.transforms import ToDevice, ToTensor
-
         if order not in ("random", "quasi_random"):
             raise ValueError(f"order={order!r}: choose random or quasi_random")
         if order == "quasi_random" and world_size > 1:
             raise ValueError("order=quasi_random is single-rank in FFCV 1.0.2: use order=random with several ranks")
-        self.device, self.image_size = torch.device(device), image_size
-        transforms = [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else [])
-        decoder = _two_view_decoder(image_size, scale, ratio, seed=seed & 0xFFFF_FFFF_FFFF, flip_prob=flip_prob)
-        threads = torch.get_num_threads()
-        self.loader = Loader(str(beton_path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
-                             order=OrderOption.RANDOM if order == "random" else OrderOption.QUASI_RANDOM,
-                             seed=seed, indices=None if indices is None else np.asarray(indices, dtype=np.int64),
-                             drop_last=True, pipelines={"image": PipelineSpec("image", decoder, transforms),
-                                                        "label": None})
-        torch.set_num_threads(threads)
+        _import_ffcv()
+        with _torch_threads_kept():
+            from ffcv.loader import Loader, OrderOption
+            from ffcv.pipeline import PipelineSpec
+            from ffcv.transforms import ToDevice, ToTensor
+
+            self.device, self.image_size = torch.device(device), image_size
+            transforms = [ToTensor()] + ([ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda"
+                                         else [])
+            decoder = _two_view_decoder(image_size, scale, ratio, seed=seed & 0xFFFF_FFFF_FFFF, flip_prob=flip_prob)
+            self.loader = Loader(str(beton_path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
+                                 order=OrderOption.RANDOM if order == "random" else OrderOption.QUASI_RANDOM,
+                                 seed=seed, indices=None if indices is None else np.asarray(indices, dtype=np.int64),
+                                 drop_last=True, pipelines={"image": PipelineSpec("image", decoder, transforms),
+                                                            "label": None})
         if order == "random":
             self.loader.traversal_order = _ShardOrder(self.loader.indices.astype(np.int64), rank, world_size, seed)
         self._epoch = None
@@ -278,13 +291,12 @@ class FFCVTwoViewLoader:
         sharded = isinstance(self.loader.traversal_order, _ShardOrder)
         if sharded:
             self.loader.traversal_order.skip, start_step = start_step * self.loader.batch_size, 0
-        threads = torch.get_num_threads()
         try:
-            self._epoch = iterator = iter(self.loader)
+            with _torch_threads_kept():
+                self._epoch = iterator = iter(self.loader)
         finally:
             if sharded:
                 self.loader.traversal_order.skip = 0
-        torch.set_num_threads(threads)
         try:
             for step, (both,) in enumerate(iterator):  # [n, 2, 3, S, S]: both views, channels first
                 if self._epoch is not iterator:

@@ -200,3 +200,20 @@ def test_reduced_decode_keeps_random_crops_where_they_were(tmp_path):
             assert (along[:, 0] >= 0).all() and (along[:, -1] <= 255).all()
         lefts.update(int(v) // 8 for v in columns[:, 0])
     assert len(lefts) > 3  # the crops really are at different places
+
+
+def test_loader_keeps_the_callers_torch_thread_count(id_beton):
+    """FFCV sets torch's thread count when imported (to 1) and at each epoch; a fresh process shows both."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch; torch.set_num_threads(3)\n"
+            "from data.ffcv_loader import FFCVTwoViewLoader, beton_size\n"
+            f"n = beton_size({id_beton!r}); loader = FFCVTwoViewLoader({id_beton!r}, 8, 6, num_workers=2)\n"
+            "batches = len(list(loader.batches(0)))\n"
+            "print(n, batches, torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["64", "8", "3"]
