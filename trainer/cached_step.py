@@ -6,7 +6,8 @@ autograd (same RNG state as in pass 1) and backpropagate the cached embedding gr
 gradients once, on the last chunk. Peak activation memory is one chunk's instead of the whole batch's; the
 price is a second forward pass. The parameter gradients equal the direct step's exactly for a model without
 batch statistics; with BatchNorm each chunk is normalized with its own statistics (as a smaller per-device
-batch would be), and the running statistics advance once per sample, in pass 3.
+batch would be). The running statistics advance once per step, as in the direct step, by the size-weighted
+average of the chunks' statistics (see _RunningStatsOncePerStep).
 """
 from __future__ import annotations
 
@@ -24,6 +25,41 @@ _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [buf for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             for name in _BN_BUFFERS if (buf := getattr(m, name, None)) is not None]
+
+
+class _RunningStatsOncePerStep:
+    """Pass 3 runs each BatchNorm layer once per chunk; left alone, its running statistics would take one
+    momentum update per chunk (k chunks: 1 - (1 - m)^k of the step's weight instead of m). Instead each chunk's
+    statistics are read out (momentum 1 for the chunk) and the step ends with one update by their size-weighted
+    average: the running mean then equals the direct step's, the running variance is the mean within-chunk
+    variance (what the chunks were normalized with), and num_batches_tracked advances by one."""
+
+    def __init__(self, model: nn.Module, total_views: int):
+        self.total = total_views
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and m.training and m.track_running_stats and m.running_mean is not None]
+        self.start = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                      for m in self.layers]
+        self.sums = [(torch.zeros_like(m.running_mean), torch.zeros_like(m.running_var)) for m in self.layers]
+        for m in self.layers:
+            m.momentum = 1.0  # after a chunk's forward, the running buffers hold that chunk's statistics
+
+    def add_chunk(self, views: int) -> None:
+        weight = views / self.total
+        with torch.no_grad():
+            for m, (mean, var) in zip(self.layers, self.sums):
+                mean.add_(m.running_mean, alpha=weight)
+                var.add_(m.running_var, alpha=weight)
+
+    def finish(self, completed: bool = True) -> None:
+        """One update by the chunks' average; or, for a step that did not complete, the statistics it began with."""
+        with torch.no_grad():
+            for m, (momentum, mean0, var0, tracked0), (mean, var) in zip(self.layers, self.start, self.sums):
+                factor = (momentum if momentum is not None else 1.0 / float(tracked0.item() + 1)) if completed else 0.0
+                m.momentum = momentum
+                m.running_mean.copy_(mean0 * (1 - factor) + mean * factor)
+                m.running_var.copy_(var0 * (1 - factor) + var * factor)
+                m.num_batches_tracked.copy_(tracked0 + int(completed))
 
 
 def _rng_state(device: torch.device):
@@ -61,16 +97,23 @@ def cached_train_step(model: nn.Module, loss_fn: NTXentLoss, optimizer: torch.op
     (z_grad,) = torch.autograd.grad(scaler.scale(loss), z)
     # pass 3: re-forward each chunk with autograd and push the cached gradient through it
     optimizer.zero_grad(set_to_none=True)
+    running_stats = _RunningStatsOncePerStep(model, len(views))
     start = 0
-    for i, chunk in enumerate(chunks):
-        last = i == len(chunks) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            _set_rng_state(rng_states[i], device)
-            with autocast:
-                out = model(chunk)
-            out.float().backward(z_grad[start:start + len(chunk)])
-        start += len(chunk)
+    try:
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                _set_rng_state(rng_states[i], device)
+                with autocast:
+                    out = model(chunk)
+                running_stats.add_chunk(len(chunk))
+                out.float().backward(z_grad[start:start + len(chunk)])
+            start += len(chunk)
+    except BaseException:
+        running_stats.finish(completed=False)
+        raise
+    running_stats.finish()
     apply_gradients(model, optimizer, scaler, grad_clip)
     return loss.detach(), top1
 

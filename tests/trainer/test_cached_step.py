@@ -77,9 +77,25 @@ def test_batchnorm_running_stats_advance_once_per_sample():
     grads(cached_train_step, cached, x1, x2, chunk_size=24)  # one chunk: pass 1 must leave no trace
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(cached[2], name), getattr(direct[2], name))
-    chunked = bn_model()
-    grads(cached_train_step, chunked, x1, x2, chunk_size=12)
-    assert chunked[2].num_batches_tracked.item() == 2  # two chunks of 12, each sample once (not 4 passes)
+
+
+
+@pytest.mark.parametrize("chunk_size", [5, 12])
+def test_batchnorm_running_stats_advance_once_per_step_from_the_chunks(chunk_size):
+    """Chunks: one momentum update per step with the size-weighted mean of the chunks' batch statistics (the
+    running mean is the direct step's; the variance the mean within-chunk variance), computed here by hand."""
+    x1, x2 = views()
+    direct, chunked = bn_model(), bn_model()
+    grads(train_step, direct, x1, x2)
+    grads(cached_train_step, chunked, x1, x2, chunk_size=chunk_size)
+    bn, momentum = chunked[2], chunked[2].momentum
+    assert bn.num_batches_tracked.item() == 1 and momentum == 0.1
+    torch.testing.assert_close(bn.running_mean, direct[2].running_mean)
+    with torch.no_grad():
+        hidden = bn_model()[:2](torch.cat([x1, x2]))
+    pieces = hidden.split(chunk_size)
+    within = sum(p.var(0, unbiased=True) * len(p) for p in pieces) / len(hidden)
+    torch.testing.assert_close(bn.running_var, (1 - momentum) * torch.ones(8) + momentum * within)
 
 
 def test_auto_chunk_size():
