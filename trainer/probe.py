@@ -240,8 +240,9 @@ def knn_scores(
     construction, and post-ReLU backbone features all share one large positive direction that
     otherwise crowds every query's neighbourhood with other classes). Rows are then L2-normalized;
     each query's k most cosine-similar train rows (k capped at the bank size) vote for their class
-    with weight exp((sim - 1) / temperature), i.e. exp(sim / T) scaled by the constant exp(-1 / T)
-    so that small temperatures do not overflow (rankings are unchanged). center=False is the plain
+    with weight exp((sim - sim_max) / temperature), i.e. exp(sim / T) scaled per query so that its nearest
+    neighbour weighs 1: no overflow or underflow at any temperature (a query's ranking is unchanged; compare
+    votes within a query, not across queries). center=False is the plain
     InstDisc computation. Queries are processed ``chunk_size`` rows at a time (memory chunk_size x n_train).
     """
     device = _resolve_device(device)
@@ -260,7 +261,7 @@ def knn_scores(
         q = query_x[i : i + chunk_size].to(device)
         q = F.normalize(q - mean if mean is not None else q, dim=1)
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (b, k) each
-        weights = ((sim - 1.0) / temperature).exp()
+        weights = ((sim - sim[:, :1]) / temperature).exp()  # topk sorts: column 0 is the query's largest
         votes = torch.zeros(q.shape[0], num_classes, device=device)
         votes.scatter_add_(1, bank_labels[idx], weights)
         out.append(votes.cpu())

@@ -62,6 +62,16 @@ def test_knn_equals_brute_force(digits_split, center):
     assert out["top1"] == pytest.approx((expected == y_te).mean(), abs=1 / 80 + 1e-9)
 
 
+def test_knn_votes_neither_underflow_nor_overflow_at_small_temperatures():
+    """Neighbours at cosine ~0.45 of the query: exp((0.45 - 1) / 0.005) underflows float32 to 0 and
+    exp(0.45 / 0.005) overflows it; votes relative to the nearest neighbour stay finite and non-zero."""
+    bank = torch.tensor([[1.0, 2.0], [1.0, 1.9], [-1.0, 2.0]])
+    query = torch.tensor([[1.0, 0.0]])
+    for temperature in (0.005, 0.001):
+        votes = knn_scores(bank, torch.tensor([0, 1, 1]), query, k=3, temperature=temperature, center=False)
+        assert torch.isfinite(votes).all() and votes[0, 1] > 0 and votes[0].argmax() == 1  # [1, 1.9] is nearest
+
+
 def test_centered_knn_ignores_a_constant_offset_plain_does_not(digits_split):
     x_tr, x_te, y_tr, y_te = digits_split
     x_tr, x_te = x_tr.astype(np.float64), x_te.astype(np.float64)
