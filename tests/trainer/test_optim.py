@@ -63,6 +63,9 @@ def test_lr_scaling_from_global_batch():
     assert OptimConfig(base_lr=0.3, lr_scaling="linear").peak_lr(4096) == pytest.approx(4.8)
     assert OptimConfig(base_lr=0.075, lr_scaling="sqrt").peak_lr(4096) == pytest.approx(4.8)
     assert OptimConfig(base_lr=3e-4, lr_scaling="none").peak_lr(4096) == pytest.approx(3e-4)
+    # unset base_lr: the paper's value for the chosen scaling (4.8 at batch 4096 either way)
+    assert OptimConfig(lr_scaling="linear").peak_lr(4096) == pytest.approx(4.8)
+    assert OptimConfig(lr_scaling="sqrt").peak_lr(4096) == pytest.approx(4.8)
 
 
 def test_schedule_values():
