@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import warnings
 from pathlib import Path
 
@@ -25,8 +26,23 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written, or a run whose checkpoints all fail to load."""
+
+
+def _causes(err: BaseException) -> str:
+    """The messages of an exception and of the exceptions behind it (torch hides 'No space left' one level down)."""
+    seen, parts = set(), []
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        parts.append(f"{type(err).__name__}: {err}".strip())
+        err = err.__cause__ or err.__context__
+    return " <- ".join(parts)
+
+
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: never a torn file at `path`."""
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: never a torn file at `path`.
+    A failed write (disk full, say) raises CheckpointError naming `path` and the cause."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -35,17 +51,52 @@ def atomic_save(obj, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(f"writing {path} failed ({_causes(err)}); the files already there are intact") from err
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+def hold_output_dir(output_dir: str | os.PathLike):
+    """An exclusive lock on <output_dir>/.lock for as long as the returned file stays open (rank 0 holds it for
+    the run). The operating system releases it when the process ends, however it ends, so a restarted job
+    takes it over; a second job started on the same folder stops here instead of mixing checkpoints."""
+    import fcntl
+
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CheckpointError(f"output_dir {folder} is in use by another run ({holder}): wait for it to end, "
+                              "or choose another output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def _step(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
 def save(state: dict, output_dir: str | os.PathLike, step: int, keep: int) -> Path:
-    """Writes ckpt_<step>.pt atomically and deletes all but the newest `keep`."""
+    """Writes ckpt_<step>.pt atomically, then deletes the older checkpoints beyond the newest `keep`, and the
+    temporary files of writes that a killed process left behind."""
     path = checkpoint_dir(output_dir) / f"ckpt_{step:09d}.pt"
     atomic_save(state, path)
-    for old in list_checkpoints(output_dir)[:-keep]:
+    older = [p for p in list_checkpoints(output_dir) if _step(p) < step]
+    for old in older[:max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)
+    for stray in path.parent.glob(".ckpt_*.pt.tmp*"):
+        if stray.name != f".{path.name}.tmp{os.getpid()}":
+            stray.unlink(missing_ok=True)
     return path
 
 
@@ -53,8 +104,15 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def load_latest(output_dir: str | os.PathLike, map_location="cpu") -> tuple[dict | None, Path | None]:
-    """The newest checkpoint that loads; a torn or corrupt one is skipped with a warning naming it."""
+def load_latest(output_dir: str | os.PathLike, map_location="cpu", quarantine: bool = False
+                ) -> tuple[dict | None, Path | None]:
+    """The newest checkpoint that loads; (None, None) for a run without checkpoints.
+
+    An unreadable one (torn, corrupt) is skipped with a warning naming it; with `quarantine` (rank 0) it is
+    renamed to <name>.corrupt so that it can neither shadow nor displace the checkpoints written after it.
+    A run whose checkpoints (.corrupt ones included) all fail to load raises CheckpointError instead of
+    silently starting again from step 0: move them away, or choose another output_dir, to start afresh."""
+    unreadable = sorted(checkpoint_dir(output_dir).glob("ckpt_*.pt.corrupt"))
     for path in reversed(list_checkpoints(output_dir)):
         try:
             state = load(path, map_location)
@@ -64,6 +122,16 @@ def load_latest(output_dir: str | os.PathLike, map_location="cpu") -> tuple[dict
         except Exception as err:  # noqa: BLE001 - any unreadable file means: fall back to the previous one
             warnings.warn(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); trying the previous one",
                           stacklevel=2)
+            unreadable.append(path)
+            if quarantine:
+                try:
+                    path.rename(path.with_name(path.name + ".corrupt"))
+                except OSError:  # another process renamed it first
+                    pass
+    if unreadable:
+        raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(output_dir)}; unreadable: "
+                              f"{', '.join(p.name for p in unreadable)}. Move them away (or choose another "
+                              "output_dir) to start from step 0")
     return None, None
 
 

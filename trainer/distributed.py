@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import sys
 import threading
 import time
@@ -128,6 +129,8 @@ def init(world: WorldInfo, device_preference: str = "auto", timeout_s: int = 180
                             world_size=world.world_size, timeout=timeout, **kwargs)
     if world.world_size > 1:
         _start_heartbeat(world, timeout)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: its launcher is its parent
+        watch_parent()
     return DistContext(world.rank, world.local_rank, world.world_size, device, backend, world.restart_count)
 
 
@@ -141,6 +144,27 @@ def _start_heartbeat(world: WorldInfo, timeout: datetime.timedelta) -> None:
     _HEARTBEAT_STOP = threading.Event()
     threading.Thread(target=_heartbeat_loop, args=(store, world.rank, _HEARTBEAT_STOP), daemon=True,
                      name="heartbeat").start()
+
+
+def watch_parent(poll_s: float = _HEARTBEAT_S) -> threading.Thread:
+    """Stops this process the way a preemption does (SIGTERM to itself: every rank agrees to stop, rank 0
+    checkpoints, exit 143) once its parent is gone, e.g. a torchrun agent killed with SIGKILL: its workers
+    would otherwise train on as orphans, writing checkpoints beside the restarted job's. Only for workers a
+    launcher started; a plain `python -m` run may outlive its shell (nohup) on purpose."""
+    parent = os.getppid()
+
+    def loop() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                print(f"[pid {os.getpid()}] the launcher (pid {parent}) is gone: stopping", file=sys.stderr,
+                      flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    thread = threading.Thread(target=loop, daemon=True, name="parent-watch")
+    thread.start()
+    return thread
 
 
 def shutdown() -> None:

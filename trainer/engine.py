@@ -90,11 +90,28 @@ def restore(state: dict, model, optimizer, scaler) -> Progress:
 # ============================================================================= run
 def run(cfg: Config, ctx: DistContext) -> dict:
     """Pretrains (resuming from output_dir when it holds checkpoints); returns the final metrics."""
+    lock = checkpoint.hold_output_dir(cfg.output_dir) if ctx.is_main else None
     log = RunLogger(cfg.output_dir, enabled=ctx.is_main)
     try:
         return _run(cfg, ctx, log)
     finally:
         log.close()
+        if lock is not None:
+            lock.close()
+
+
+def _check_same_resume_step(ctx: DistContext, step: int, path) -> None:
+    """Every rank resumes the same checkpoint (each reads output_dir itself: on folders that are not one shared
+    file system, nodes could see different ones and train on silently diverged weights)."""
+    if ctx.world_size == 1:
+        return
+    steps = [None] * ctx.world_size
+    torch.distributed.all_gather_object(steps, (step, str(path)))
+    if len({s for s, _ in steps}) > 1:
+        raise checkpoint.CheckpointError(
+            "ranks would resume different checkpoints: " + "; ".join(f"rank {r}: step {s} ({p})" for r, (s, p)
+                                                                    in enumerate(steps))
+            + ". output_dir must be one folder that every node sees the same")
 
 
 def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
@@ -116,12 +133,14 @@ def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
     # ---------------------------------------------------------------- resume
     progress = Progress()
-    state, path = checkpoint.load_latest(cfg.output_dir, map_location=ctx.device)
+    state, path = checkpoint.load_latest(cfg.output_dir, map_location=ctx.device, quarantine=ctx.is_main)
+    _check_same_resume_step(ctx, state["step"] if state is not None else 0, path)
     if state is not None:
         if state.get("world_size") != ctx.world_size:
             log.warn(f"resuming a run of world size {state.get('world_size')} on {ctx.world_size} ranks: "
                      "the data order from here on differs from an uninterrupted run")
         progress = restore(state, model, optimizer, scaler)
+        log.resumed(progress.step)
         log.info(f"resumed from {path} at step {progress.step} (epoch {progress.epoch})")
         if initial_backbone is not None:  # the random-init reference is the seeded init, rebuilt
             torch.manual_seed(cfg.seed)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,13 +18,31 @@ class RunLogger:
         self.jsonl = None
         if not enabled:
             return
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        self.out = Path(output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(out / "tb"))
+            self.writer = SummaryWriter(log_dir=str(self.out / "tb"))
+
+    def resumed(self, step: int) -> None:
+        """The run goes on from a checkpoint at `step`: records of later steps (written before a crash, and
+        about to be written again) leave metrics.jsonl, and TensorBoard drops its events after `step`."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        path = self.out / "metrics.jsonl"
+        kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.jsonl = open(path, "a", buffering=1)
+        if self.writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer.close()
+            self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=step + 1)
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -57,6 +76,14 @@ class RunLogger:
         if self.jsonl is not None:
             self.jsonl.close()
         self.writer = self.jsonl = None
+
+
+def _step_of(line: str) -> float:
+    """A metrics.jsonl record's step; a torn last line (a crash mid-write) counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class IntervalTimer:

@@ -33,6 +33,52 @@ def test_truncated_latest_falls_back_to_previous_with_warning(tmp_path):
     assert state["step"] == 1 and path.name == "ckpt_000000001.pt"
 
 
+def test_a_corrupt_newest_checkpoint_is_quarantined_not_kept_in_place_of_new_ones(tmp_path):
+    """keep=1 with a torn newest file: before, it sorted newest and every new checkpoint was pruned at once."""
+    for step in (10, 20):
+        checkpoint.save(_state(step), tmp_path, step, keep=2)
+    torn = checkpoint.list_checkpoints(tmp_path)[-1]
+    torn.write_bytes(torn.read_bytes()[:50])
+    with pytest.warns(UserWarning, match="ckpt_000000020.pt"):
+        state, _ = checkpoint.load_latest(tmp_path, quarantine=True)
+    assert state["step"] == 10 and (tmp_path / "checkpoints" / "ckpt_000000020.pt.corrupt").exists()
+    checkpoint.save(_state(11), tmp_path, 11, keep=1)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_000000011.pt"]
+    assert checkpoint.load_latest(tmp_path)[0]["step"] == 11
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
+    checkpoint.save(_state(5), tmp_path, 5, keep=1)
+    only = checkpoint.list_checkpoints(tmp_path)[0]
+    only.write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(checkpoint.CheckpointError, match="unreadable: ckpt_000000005.pt"):
+        checkpoint.load_latest(tmp_path, quarantine=True)
+    with pytest.raises(checkpoint.CheckpointError, match="ckpt_000000005.pt.corrupt.*Move them away"):
+        checkpoint.load_latest(tmp_path)  # the next attempt too, though the file is now quarantined
+    assert checkpoint.load_latest(tmp_path / "fresh") == (None, None)
+
+
+def test_save_removes_temporary_files_of_killed_writers(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / ".ckpt_000000003.pt.tmp4242").write_bytes(b"half a checkpoint")
+    checkpoint.save(_state(4), tmp_path, 4, keep=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt_000000004.pt"]
+
+
+def test_a_full_disk_names_the_checkpoint_and_the_cause(tmp_path, monkeypatch):
+    checkpoint.save(_state(1), tmp_path, 1, keep=2)
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", no_space)
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt_000000002\.pt failed .*No space left on device"):
+        checkpoint.save(_state(2), tmp_path, 2, keep=2)
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["ckpt_000000001.pt"]
+
+
 def test_failed_write_leaves_previous_file_intact(tmp_path):
     target = tmp_path / "x.pt"
     checkpoint.atomic_save({"a": torch.ones(1)}, target)
@@ -70,3 +116,11 @@ def test_fine_tune_source_resolution(tmp_path):
     assert set(weights) == set(model.backbone.state_dict())
     with pytest.raises(FileNotFoundError, match="fine_tune_from=nope"):
         checkpoint.load_backbone_weights("nope")
+
+
+def test_one_run_at_a_time_per_output_dir(tmp_path):
+    held = checkpoint.hold_output_dir(tmp_path / "run")
+    with pytest.raises(checkpoint.CheckpointError, match=r"run is in use by another run \(pid \d+ on "):
+        checkpoint.hold_output_dir(tmp_path / "run")
+    held.close()  # as when the process ends, whatever ends it
+    checkpoint.hold_output_dir(tmp_path / "run").close()

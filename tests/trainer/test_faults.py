@@ -1,5 +1,6 @@
 """Faults injected into live torchrun jobs (CPU, gloo, loopback): multi-node rendezvous, a killed worker under
 --max-restarts, SIGTERM preemption, a torn latest checkpoint. Each bounded in time."""
+import contextlib
 import os
 import re
 import signal
@@ -142,3 +143,40 @@ def test_hung_rank_ends_the_job_naming_it(tmp_path):
     assert proc.returncode != 0
     assert "did not complete within dist_timeout_s=8" in output
     assert re.search(r"silent \(dead or hung\): rank \d", output), output[-3000:]
+
+
+def running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_of_a_killed_launcher_checkpoint_and_stop(tmp_path):
+    """SIGKILL to torchrun itself: its workers notice the launcher is gone, stop together after a checkpoint
+    (as on SIGTERM) instead of training on as orphans."""
+    proc = subprocess.Popen(torchrun("--standalone", "--nproc_per_node=2", *RUN, "epochs=500",
+                                     f"output_dir={tmp_path}"),
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 240, proc)
+        workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        assert len(workers) == 2
+        proc.kill()
+        deadline = time.time() + 60
+        while any(running(w) for w in workers):
+            assert time.time() < deadline, "the orphaned workers kept running"
+            time.sleep(0.2)
+        output = proc.stdout.read()
+    finally:
+        proc.kill()
+        for w in workers if "workers" in locals() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+    assert "the launcher" in output and "is gone: stopping" in output, output[-3000:]
+    saved = checkpoint.list_checkpoints(tmp_path)
+    assert saved and "checkpoint at step" in output
+    step = torch.load(saved[-1], weights_only=True)["step"]
+    assert f"checkpoint at step {step} written" in output
