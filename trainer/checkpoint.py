@@ -27,7 +27,11 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written, or a run whose checkpoints all fail to load."""
+    """A checkpoint that cannot be written."""
+
+
+class ResumeError(CheckpointError):
+    """A run that cannot start from its output_dir: held by another run, or no checkpoint there loads."""
 
 
 def _causes(err: BaseException) -> str:
@@ -73,7 +77,7 @@ def hold_output_dir(output_dir: str | os.PathLike):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise CheckpointError(f"output_dir {folder} is in use by another run ({holder}): wait for it to end, "
+        raise ResumeError(f"output_dir {folder} is in use by another run ({holder}): wait for it to end, "
                               "or choose another output_dir") from None
     handle.seek(0)
     handle.truncate()
@@ -110,7 +114,7 @@ def load_latest(output_dir: str | os.PathLike, map_location="cpu", quarantine: b
 
     An unreadable one (torn, corrupt) is skipped with a warning naming it; with `quarantine` (rank 0) it is
     renamed to <name>.corrupt so that it can neither shadow nor displace the checkpoints written after it.
-    A run whose checkpoints (.corrupt ones included) all fail to load raises CheckpointError instead of
+    A run whose checkpoints (.corrupt ones included) all fail to load raises ResumeError instead of
     silently starting again from step 0: move them away, or choose another output_dir, to start afresh."""
     unreadable = sorted(checkpoint_dir(output_dir).glob("ckpt_*.pt.corrupt"))
     for path in reversed(list_checkpoints(output_dir)):
@@ -129,7 +133,7 @@ def load_latest(output_dir: str | os.PathLike, map_location="cpu", quarantine: b
                 except OSError:  # another process renamed it first
                     pass
     if unreadable:
-        raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(output_dir)}; unreadable: "
+        raise ResumeError(f"no readable checkpoint in {checkpoint_dir(output_dir)}; unreadable: "
                               f"{', '.join(p.name for p in unreadable)}. Move them away (or choose another "
                               "output_dir) to start from step 0")
     return None, None
@@ -161,7 +165,8 @@ def load_backbone_weights(source: str, map_location="cpu") -> dict:
     """Backbone weights from a training checkpoint or an exported backbone state_dict."""
     path = resolve_fine_tune(source)
     if path is None:
-        raise FileNotFoundError(f"fine_tune_from={source}: no checkpoint file, run directory or runs/{source}")
+        where = "" if Path(source).is_absolute() else f" or {Path('runs') / source}"
+        raise FileNotFoundError(f"fine_tune_from={source}: no checkpoint file or run directory there{where}")
     state = load(path, map_location)
     if "model" in state and isinstance(state["model"], dict):
         return backbone_state(state["model"])

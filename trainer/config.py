@@ -336,6 +336,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     values: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            choices = ", ".join(sorted(p.name for p in path.glob("*.yaml"))) or "no .yaml files there"
+            raise ConfigError(f"config file {path}: a directory, not a file ({choices})")
         if not path.is_file():
             raise ConfigError(f"config file {path}: not found")
         try:

@@ -90,7 +90,7 @@ def restore(state: dict, model, optimizer, scaler) -> Progress:
 # ============================================================================= run
 def run(cfg: Config, ctx: DistContext) -> dict:
     """Pretrains (resuming from output_dir when it holds checkpoints); returns the final metrics."""
-    lock = checkpoint.hold_output_dir(cfg.output_dir) if ctx.is_main else None
+    lock = _hold_output_dir(cfg, ctx)
     log = RunLogger(cfg.output_dir, enabled=ctx.is_main)
     try:
         return _run(cfg, ctx, log)
@@ -98,6 +98,24 @@ def run(cfg: Config, ctx: DistContext) -> dict:
         log.close()
         if lock is not None:
             lock.close()
+
+
+def _hold_output_dir(cfg: Config, ctx: DistContext):
+    """Rank 0 locks output_dir (see checkpoint.hold_output_dir); every rank learns the outcome, so that all of
+    them stop at once, with the same message, when another run holds it."""
+    lock, problem = None, None
+    if ctx.is_main:
+        try:
+            lock = checkpoint.hold_output_dir(cfg.output_dir)
+        except checkpoint.ResumeError as err:
+            problem = str(err)
+    if ctx.world_size > 1:
+        shared = [problem]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        raise checkpoint.ResumeError(problem)
+    return lock
 
 
 def _check_same_resume_step(ctx: DistContext, step: int, path) -> None:
@@ -108,7 +126,7 @@ def _check_same_resume_step(ctx: DistContext, step: int, path) -> None:
     steps = [None] * ctx.world_size
     torch.distributed.all_gather_object(steps, (step, str(path)))
     if len({s for s, _ in steps}) > 1:
-        raise checkpoint.CheckpointError(
+        raise checkpoint.ResumeError(
             "ranks would resume different checkpoints: " + "; ".join(f"rank {r}: step {s} ({p})" for r, (s, p)
                                                                     in enumerate(steps))
             + ". output_dir must be one folder that every node sees the same")

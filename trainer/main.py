@@ -30,11 +30,16 @@ def main(argv: list[str] | None = None) -> int:
         if world.is_main:
             print(f"config error: {err}", file=sys.stderr)
         return 2
+    from trainer.checkpoint import ResumeError
     from trainer.engine import NonFiniteLossError, run  # heavy imports after the config is known good
 
     with distributed.process_group(world, cfg.device, cfg.dist_timeout_s) as ctx:
         try:
             run(cfg, ctx)
+        except ResumeError as err:  # raised on every rank alike, before any training step
+            if ctx.is_main:
+                print(f"error: {err}", file=sys.stderr)
+            return 2
         except NonFiniteLossError as err:
             if ctx.is_main:
                 print(f"error: {err}", file=sys.stderr)

@@ -51,9 +51,9 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
     checkpoint.save(_state(5), tmp_path, 5, keep=1)
     only = checkpoint.list_checkpoints(tmp_path)[0]
     only.write_bytes(b"")
-    with pytest.warns(UserWarning), pytest.raises(checkpoint.CheckpointError, match="unreadable: ckpt_000000005.pt"):
+    with pytest.warns(UserWarning), pytest.raises(checkpoint.ResumeError, match="unreadable: ckpt_000000005.pt"):
         checkpoint.load_latest(tmp_path, quarantine=True)
-    with pytest.raises(checkpoint.CheckpointError, match="ckpt_000000005.pt.corrupt.*Move them away"):
+    with pytest.raises(checkpoint.ResumeError, match="ckpt_000000005.pt.corrupt.*Move them away"):
         checkpoint.load_latest(tmp_path)  # the next attempt too, though the file is now quarantined
     assert checkpoint.load_latest(tmp_path / "fresh") == (None, None)
 
@@ -120,7 +120,7 @@ def test_fine_tune_source_resolution(tmp_path):
 
 def test_one_run_at_a_time_per_output_dir(tmp_path):
     held = checkpoint.hold_output_dir(tmp_path / "run")
-    with pytest.raises(checkpoint.CheckpointError, match=r"run is in use by another run \(pid \d+ on "):
+    with pytest.raises(checkpoint.ResumeError, match=r"run is in use by another run \(pid \d+ on "):
         checkpoint.hold_output_dir(tmp_path / "run")
     held.close()  # as when the process ends, whatever ends it
     checkpoint.hold_output_dir(tmp_path / "run").close()

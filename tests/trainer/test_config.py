@@ -77,6 +77,8 @@ def test_missing_and_broken_config_files(tmp_path):
     broken.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
         load_config(broken)
+    with pytest.raises(ConfigError, match=r"a directory, not a file \(broken.yaml\)"):
+        load_config(tmp_path)
 
 
 def test_saved_config_round_trips(tmp_path):

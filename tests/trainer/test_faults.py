@@ -180,3 +180,16 @@ def test_workers_of_a_killed_launcher_checkpoint_and_stop(tmp_path):
     assert saved and "checkpoint at step" in output
     step = torch.load(saved[-1], weights_only=True)["step"]
     assert f"checkpoint at step {step} written" in output
+
+
+def test_a_second_job_on_a_held_output_dir_stops_on_every_rank(tmp_path):
+    held = checkpoint.hold_output_dir(tmp_path)  # as a running job's rank 0 would
+    try:
+        proc = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", *RUN, f"output_dir={tmp_path}"),
+                              cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    finally:
+        held.close()
+    assert proc.returncode != 0 and "ResumeError" not in proc.stderr, proc.stderr[-3000:]  # no worker traceback
+    assert proc.stderr.count(f"error: output_dir {tmp_path} is in use by another run (pid {os.getpid()} on ") == 1
+    assert "exitcode  : 2" in proc.stderr  # both ranks: torchrun reports the first failure
+    assert not checkpoint.list_checkpoints(tmp_path) and not (tmp_path / "metrics.jsonl").exists()
