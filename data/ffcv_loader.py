@@ -1,6 +1,8 @@
 """Two-view FFCV loader: each stored image decoded with two independent, seeded random-resized crops + flips (uint8)."""
 from __future__ import annotations
 
+import contextlib
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -268,8 +270,8 @@ class FFCVTwoViewLoader:
         """FFCV 1.0.2 allocates every batch buffer afresh at each epoch start (batches_ahead + 2 slots of output
         and decode scratch: ~280 MB at 224 px, batch 64), and the first touch of those pages costs each epoch a
         pause; allocate them once instead. Safe because one epoch runs at a time (see batches)."""
-        graph, buffers = self.loader.graph, {}
-        allocate = graph.allocate_memory
+        graph, self._buffers = self.loader.graph, {}
+        allocate, buffers = graph.allocate_memory, self._buffers
 
         def allocate_once(batch_size, batch_slots):
             if (batch_size, batch_slots) not in buffers:
@@ -298,20 +300,42 @@ class FFCVTwoViewLoader:
             if sharded:
                 self.loader.traversal_order.skip = 0
         try:
-            for step, (both,) in enumerate(iterator):  # [n, 2, 3, S, S]: both views, channels first
-                if self._epoch is not iterator:
+            step = 0
+            while True:
+                if self._epoch is not iterator:  # checked before waiting on a queue that may never fill again
                     raise RuntimeError(f"epoch {epoch} of {self.loader.reader.file_name} was left unfinished for "
                                        "another: one epoch of a loader runs at a time")
-                if step >= start_step:  # fresh tensors: FFCV reuses its buffers for later batches
-                    yield _fresh(both[:, 0]), _fresh(both[:, 1])
+                batch = next(iterator, None)
+                if batch is None:
+                    return
+                if step >= start_step:  # [n, 2, 3, S, S]: both views, channels first; fresh tensors, as FFCV
+                    yield _fresh(batch[0][:, 0]), _fresh(batch[0][:, 1])  # reuses its buffers for later batches
+                step += 1
         finally:  # stop FFCV's worker thread when the caller leaves the epoch early
             if self._epoch is iterator:  # (a later epoch may have stopped it already)
                 self._stop_epoch()
 
-    def _stop_epoch(self) -> None:
+    def _stop_epoch(self, timeout_s: float = 30.0) -> None:
+        """Stops the current epoch's FFCV thread. It looks at its stop flag when a put into its full queue of
+        ready batches times out (0.5 s), except for its last put (the end-of-epoch marker), which waits for
+        room: a queue still full after a second is emptied once. Should the thread outlive timeout_s (a very
+        slow batch), the next epoch gets fresh buffers, never ones it still writes."""
+        import queue
+
         iterator, self._epoch = self._epoch, None
-        if iterator is not None:
-            iterator.close()
-            iterator.join(timeout=10)
-            if self.device.type == "cuda":  # its copies into the reused device buffers are finished
-                torch.cuda.synchronize(self.device)
+        if iterator is None:
+            return
+        iterator.close()
+        deadline, emptied = time.monotonic() + timeout_s, False
+        iterator.join(timeout=1.0)
+        while iterator.is_alive() and time.monotonic() < deadline:
+            if not emptied and iterator.output_queue.full():
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        iterator.output_queue.get_nowait()
+                emptied = True
+            iterator.join(timeout=0.1)
+        if iterator.is_alive():
+            self._buffers.clear()
+        if self.device.type == "cuda":  # its copies into the reused device buffers are finished
+            torch.cuda.synchronize(self.device)

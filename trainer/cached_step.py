@@ -19,12 +19,25 @@ import torch.nn as nn
 from trainer.loss import NTXentLoss
 from trainer.step import apply_gradients
 
-_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+def _tracking_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.training and m.track_running_stats and m.running_mean is not None]
 
 
-def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
-    return [buf for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for name in _BN_BUFFERS if (buf := getattr(m, name, None)) is not None]
+@contextlib.contextmanager
+def _running_stats_frozen(model: nn.Module):
+    """Training-mode forwards that leave BN running statistics as they are (momentum 0, and
+    num_batches_tracked put back), while any other change to the buffers (DDP's broadcast) stays."""
+    layers = _tracking_batchnorms(model)
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(layers, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
 
 
 class _RunningStatsOncePerStep:
@@ -36,8 +49,7 @@ class _RunningStatsOncePerStep:
 
     def __init__(self, model: nn.Module, total_views: int):
         self.total = total_views
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.training and m.track_running_stats and m.running_mean is not None]
+        self.layers = _tracking_batchnorms(model)
         self.start = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
                       for m in self.layers]
         self.sums = [(torch.zeros_like(m.running_mean), torch.zeros_like(m.running_var)) for m in self.layers]
@@ -81,16 +93,13 @@ def cached_train_step(model: nn.Module, loss_fn: NTXentLoss, optimizer: torch.op
     chunks = views.split(chunk_size)
     device = views.device
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-    # pass 1: embeddings without autograd; BN running statistics put back afterwards (they advance in pass 3)
-    saved_bn = [b.clone() for b in _bn_buffers(model)]
-    rng_states = []
-    with torch.no_grad(), autocast:
-        embeddings = []
+    # pass 1: embeddings without autograd. BN running statistics stay (momentum 0; they advance in pass 3), but
+    # not by restoring a copy: that would undo DDP's broadcast of rank 0's buffers in this pass's first forward
+    with torch.no_grad(), autocast, _running_stats_frozen(model):
+        rng_states, embeddings = [], []
         for chunk in chunks:
             rng_states.append(_rng_state(device))
             embeddings.append(model(chunk).float())
-    for buf, saved in zip(_bn_buffers(model), saved_bn):
-        buf.copy_(saved)
     # pass 2: the loss on the gathered embeddings, and its gradient with respect to each local embedding
     z = torch.cat(embeddings).requires_grad_(True)
     loss, top1 = loss_fn(*z.chunk(2), return_accuracy=True)

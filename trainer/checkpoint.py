@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import socket
+import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -62,23 +65,40 @@ def atomic_save(obj, path: Path) -> None:
             tmp.unlink()
 
 
-def hold_output_dir(output_dir: str | os.PathLike):
+LOCK_WAIT_S = 20.0  # how long a new run waits for the lock (a killed job's workers may still be checkpointing)
+
+
+def hold_output_dir(output_dir: str | os.PathLike, wait_s: float = LOCK_WAIT_S):
     """An exclusive lock on <output_dir>/.lock for as long as the returned file stays open (rank 0 holds it for
-    the run). The operating system releases it when the process ends, however it ends, so a restarted job
-    takes it over; a second job started on the same folder stops here instead of mixing checkpoints."""
+    the run), so a second job started on the same folder stops instead of mixing checkpoints with the first.
+
+    A POSIX record lock (lockf): the operating system releases it when the process ends, however it ends, so
+    a restarted job takes it over, and the processes it forks (loader workers) do not inherit it. Waits up to
+    `wait_s` for a holder that is ending. A file system without locks (e.g. Lustre mounted noflock) gets a
+    warning and no lock."""
     import fcntl
 
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ResumeError(f"output_dir {folder} is in use by another run ({holder}): wait for it to end, "
-                              "or choose another output_dir") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except (BlockingIOError, PermissionError):  # held (EAGAIN / EACCES)
+            if time.monotonic() >= deadline:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise ResumeError(f"output_dir {folder} is in use by another run ({holder}): wait for it to end, "
+                                  "or choose another output_dir (if that process is gone, e.g. its node died, "
+                                  f"delete {folder / '.lock'})") from None
+            time.sleep(0.5)
+        except OSError as err:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locking on this file system
+            warnings.warn(f"output_dir {folder} cannot be locked ({err}); nothing stops a second run from "
+                          "writing there", stacklevel=2)
+            return handle
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -108,23 +128,44 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def load_latest(output_dir: str | os.PathLike, map_location="cpu", quarantine: bool = False
-                ) -> tuple[dict | None, Path | None]:
-    """The newest checkpoint that loads; (None, None) for a run without checkpoints.
+def _damaged(err: BaseException) -> bool:
+    """True for a file that is not a whole checkpoint (torn, truncated, garbage); False for a failure to read a
+    good one (an I/O error, out of memory, a type this torch version refuses to unpickle)."""
+    message = str(err)
+    if "Weights only load failed" in message:
+        return False
+    if isinstance(err, (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, _Incomplete)):
+        return True
+    return isinstance(err, RuntimeError) and any(m in message for m in ("PytorchStreamReader", "central directory",
+                                                                         "inline_container", "unexpected EOF"))
 
-    An unreadable one (torn, corrupt) is skipped with a warning naming it; with `quarantine` (rank 0) it is
-    renamed to <name>.corrupt so that it can neither shadow nor displace the checkpoints written after it.
-    A run whose checkpoints (.corrupt ones included) all fail to load raises ResumeError instead of
-    silently starting again from step 0: move them away, or choose another output_dir, to start afresh."""
+
+class _Incomplete(ValueError):
+    pass
+
+
+def load_latest(output_dir: str | os.PathLike, quarantine: bool = False) -> tuple[dict | None, Path | None]:
+    """The newest checkpoint that loads (onto the CPU); (None, None) for a run without checkpoints.
+
+    A damaged one (torn, corrupt) is skipped with a warning naming it; with `quarantine` (rank 0) it is renamed
+    to <name>.corrupt so that it can neither shadow nor displace the checkpoints written after it. A failure to
+    read a good file (I/O error, memory, an incompatible torch) raises ResumeError and leaves it in place. A run
+    whose checkpoints (.corrupt ones included) are all damaged raises ResumeError instead of silently starting
+    again from step 0: move them away, or choose another output_dir, to start afresh."""
     unreadable = sorted(checkpoint_dir(output_dir).glob("ckpt_*.pt.corrupt"))
     for path in reversed(list_checkpoints(output_dir)):
         try:
-            state = load(path, map_location)
+            state = load(path, "cpu")
             if not isinstance(state, dict) or "model" not in state or "step" not in state:
-                raise ValueError("missing model/step entries")
+                raise _Incomplete("missing model/step entries")
             return state, path
-        except Exception as err:  # noqa: BLE001 - any unreadable file means: fall back to the previous one
-            warnings.warn(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); trying the previous one",
+        except FileNotFoundError:  # renamed by rank 0 meanwhile: damaged
+            unreadable.append(path)
+        except Exception as err:  # noqa: BLE001 - sorted into damaged files and failures to read good ones
+            if not _damaged(err):
+                raise ResumeError(f"checkpoint {path} could not be read ({_causes(err)}); it is left in place: "
+                                  "fix the cause and run again") from err
+            warnings.warn(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); trying the previous one",
                           stacklevel=2)
             unreadable.append(path)
             if quarantine:
@@ -133,9 +174,9 @@ def load_latest(output_dir: str | os.PathLike, map_location="cpu", quarantine: b
                 except OSError:  # another process renamed it first
                     pass
     if unreadable:
-        raise ResumeError(f"no readable checkpoint in {checkpoint_dir(output_dir)}; unreadable: "
-                              f"{', '.join(p.name for p in unreadable)}. Move them away (or choose another "
-                              "output_dir) to start from step 0")
+        raise ResumeError(f"no readable checkpoint in {checkpoint_dir(output_dir)}; damaged: "
+                          f"{', '.join(p.name for p in unreadable)}. Move them away (or choose another "
+                          "output_dir) to start from step 0")
     return None, None
 
 

@@ -22,6 +22,7 @@ class WorldInfo:
     local_rank: int
     world_size: int
     restart_count: int
+    launcher_pid: int | None = None  # torchrun's agent (this worker's parent), read at start-up
 
     @property
     def is_main(self) -> bool:
@@ -33,7 +34,8 @@ def world_from_env() -> WorldInfo:
     env = os.environ
     return WorldInfo(rank=int(env.get("RANK", 0)), local_rank=int(env.get("LOCAL_RANK", 0)),
                      world_size=int(env.get("WORLD_SIZE", 1)),
-                     restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+                     restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+                     launcher_pid=os.getppid() if "TORCHELASTIC_RUN_ID" in env else None)
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,8 @@ def init(world: WorldInfo, device_preference: str = "auto", timeout_s: int = 180
                             world_size=world.world_size, timeout=timeout, **kwargs)
     if world.world_size > 1:
         _start_heartbeat(world, timeout)
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: its launcher is its parent
-        watch_parent()
+    if world.launcher_pid is not None:  # a torchrun worker: its launcher is its parent
+        watch_parent(world.launcher_pid)
     return DistContext(world.rank, world.local_rank, world.world_size, device, backend, world.restart_count)
 
 
@@ -146,16 +148,18 @@ def _start_heartbeat(world: WorldInfo, timeout: datetime.timedelta) -> None:
                      name="heartbeat").start()
 
 
-def watch_parent(poll_s: float = _HEARTBEAT_S) -> threading.Thread:
+_WATCH_STOP = threading.Event()
+
+
+def watch_parent(parent: int, poll_s: float = _HEARTBEAT_S) -> threading.Thread:
     """Stops this process the way a preemption does (SIGTERM to itself: every rank agrees to stop, rank 0
-    checkpoints, exit 143) once its parent is gone, e.g. a torchrun agent killed with SIGKILL: its workers
-    would otherwise train on as orphans, writing checkpoints beside the restarted job's. Only for workers a
-    launcher started; a plain `python -m` run may outlive its shell (nohup) on purpose."""
-    parent = os.getppid()
+    checkpoints, exit 143) once its parent `parent` is gone, e.g. a torchrun agent killed with SIGKILL: its
+    workers would otherwise train on as orphans, writing checkpoints beside the restarted job's. Only for
+    workers a launcher started; a plain `python -m` run may outlive its shell (nohup) on purpose."""
+    _WATCH_STOP.clear()
 
     def loop() -> None:
-        while True:
-            time.sleep(poll_s)
+        while not _WATCH_STOP.wait(poll_s):
             if os.getppid() != parent:
                 print(f"[pid {os.getpid()}] the launcher (pid {parent}) is gone: stopping", file=sys.stderr,
                       flush=True)
@@ -169,6 +173,7 @@ def watch_parent(poll_s: float = _HEARTBEAT_S) -> threading.Thread:
 
 def shutdown() -> None:
     global _STORE
+    _WATCH_STOP.set()
     if _HEARTBEAT_STOP is not None:
         _HEARTBEAT_STOP.set()
     if dist.is_available() and dist.is_initialized():

@@ -100,36 +100,55 @@ def run(cfg: Config, ctx: DistContext) -> dict:
             lock.close()
 
 
+def _agree(ctx: DistContext, problem: str | None, what) -> list:
+    """Every rank's (problem, what); raises ResumeError on every rank alike when any rank had a problem, so no
+    rank is left waiting in a collective that a failed one skipped."""
+    outcomes = [(problem, what)]
+    if ctx.world_size > 1:
+        outcomes = [None] * ctx.world_size
+        torch.distributed.all_gather_object(outcomes, (problem, what))
+    failed = [(r, p) for r, (p, _) in enumerate(outcomes) if p is not None]
+    if failed:
+        raise checkpoint.ResumeError(failed[0][1] if len({p for _, p in failed}) == 1 and len(failed) == len(outcomes)
+                                     else "; ".join(f"rank {r}: {p}" for r, p in failed))
+    return [w for _, w in outcomes]
+
+
 def _hold_output_dir(cfg: Config, ctx: DistContext):
-    """Rank 0 locks output_dir (see checkpoint.hold_output_dir); every rank learns the outcome, so that all of
-    them stop at once, with the same message, when another run holds it."""
+    """Rank 0 locks output_dir (see checkpoint.hold_output_dir); all ranks stop together if it cannot."""
     lock, problem = None, None
     if ctx.is_main:
         try:
             lock = checkpoint.hold_output_dir(cfg.output_dir)
-        except checkpoint.ResumeError as err:
-            problem = str(err)
+        except (checkpoint.ResumeError, OSError) as err:
+            problem = str(err) if isinstance(err, checkpoint.ResumeError) else f"output_dir {cfg.output_dir}: {err}"
     if ctx.world_size > 1:
         shared = [problem]
         torch.distributed.broadcast_object_list(shared, src=0)
         problem = shared[0]
     if problem is not None:
+        if lock is not None:
+            lock.close()
         raise checkpoint.ResumeError(problem)
     return lock
 
 
-def _check_same_resume_step(ctx: DistContext, step: int, path) -> None:
-    """Every rank resumes the same checkpoint (each reads output_dir itself: on folders that are not one shared
-    file system, nodes could see different ones and train on silently diverged weights)."""
-    if ctx.world_size == 1:
-        return
-    steps = [None] * ctx.world_size
-    torch.distributed.all_gather_object(steps, (step, str(path)))
+def _load_resume_state(cfg: Config, ctx: DistContext) -> tuple[dict | None, object]:
+    """The checkpoint to resume from, the same on every rank. Each rank reads output_dir itself: on folders that
+    are not one shared file system nodes could see different ones and train on silently diverged weights, so
+    ranks that would resume different steps (or fail to read) stop together with the reason."""
+    state, path, problem = None, None, None
+    try:
+        state, path = checkpoint.load_latest(cfg.output_dir, quarantine=ctx.is_main)
+    except checkpoint.ResumeError as err:
+        problem = str(err)
+    steps = _agree(ctx, problem, (state["step"] if state is not None else 0, str(path)))
     if len({s for s, _ in steps}) > 1:
         raise checkpoint.ResumeError(
-            "ranks would resume different checkpoints: " + "; ".join(f"rank {r}: step {s} ({p})" for r, (s, p)
-                                                                    in enumerate(steps))
+            "ranks would resume different checkpoints: " + "; ".join(f"rank {r}: step {s} ({p})"
+                                                                    for r, (s, p) in enumerate(steps))
             + ". output_dir must be one folder that every node sees the same")
+    return state, path
 
 
 def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
@@ -151,9 +170,10 @@ def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
     # ---------------------------------------------------------------- resume
     progress = Progress()
-    state, path = checkpoint.load_latest(cfg.output_dir, map_location=ctx.device, quarantine=ctx.is_main)
-    _check_same_resume_step(ctx, state["step"] if state is not None else 0, path)
-    if state is not None:
+    state, path = _load_resume_state(cfg, ctx)  # on the CPU: restore() copies to the device
+    if state is None:
+        log.resumed(0)  # records of an earlier attempt that crashed before its first checkpoint
+    else:
         if state.get("world_size") != ctx.world_size:
             log.warn(f"resuming a run of world size {state.get('world_size')} on {ctx.world_size} ranks: "
                      "the data order from here on differs from an uninterrupted run")

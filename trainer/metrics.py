@@ -35,7 +35,10 @@ class RunLogger:
         path = self.out / "metrics.jsonl"
         kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= step]
         tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(kept))
+        with open(tmp, "w") as f:
+            f.write("".join(kept))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         self.jsonl = open(path, "a", buffering=1)
         if self.writer is not None:

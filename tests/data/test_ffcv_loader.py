@@ -217,3 +217,21 @@ def test_loader_keeps_the_callers_torch_thread_count(id_beton):
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["64", "8", "3"]
+
+
+def test_leaving_an_epoch_whose_batches_are_all_decoded_stops_its_thread_promptly(id_beton):
+    """With the last batches_ahead (3) batches ready and unread, FFCV's thread waits, without a timeout, to queue
+    its end-of-epoch marker: leaving the epoch must still end it, and at once."""
+    import time
+
+    loader = FFCVTwoViewLoader(id_beton, 8, 6, num_workers=1, seed=5)
+    batches = loader.batches(0)
+    for _ in range(loader.steps_per_epoch - 3):
+        next(batches)
+    thread = loader._epoch
+    time.sleep(1.5)  # the thread decodes the rest and blocks on the full queue
+    assert thread.output_queue.full()
+    start = time.monotonic()
+    batches.close()
+    assert not thread.is_alive() and time.monotonic() - start < 5
+    assert len(list(loader.batches(1))) == loader.steps_per_epoch  # and the next epoch runs normally

@@ -102,3 +102,26 @@ def test_auto_chunk_size():
     assert auto_chunk_size(2048, bytes_per_view=50e6, free_bytes=80e9) == 1024
     assert auto_chunk_size(64, bytes_per_view=1e3, free_bytes=80e9) == 64
     assert auto_chunk_size(64, bytes_per_view=1e12, free_bytes=1e9) == 1
+
+
+def _rank_bn_buffers(rank, world_size):
+    """Two steps on rank-shifted data, direct and cached: this rank's BN buffers after each."""
+    x1, x2 = views()
+    n = x1.shape[0] // world_size
+    shard = [(x[rank * n:(rank + 1) * n] + 3.0 * rank) for x in (x1, x2)]
+    out = {}
+    for name, step_fn, kw in (("direct", train_step, {}), ("cached", cached_train_step, {"chunk_size": 4})):
+        model = DDP(bn_model())
+        for _ in range(2):  # after the first step the ranks' buffers differ: DDP's broadcast then matters
+            grads(step_fn, model, *shard, **kw)
+        bn = model.module[2]
+        out[name] = (bn.running_mean.clone(), bn.num_batches_tracked.item())
+    return out
+
+
+def test_cached_running_mean_equals_direct_on_every_ddp_rank(distributed_run):
+    """DDP broadcasts rank 0's buffers in each step's first forward; pass 1 of the cached step must keep that
+    broadcast (restoring a copy of the buffers undid it, leaving other ranks on their own averages)."""
+    for out in distributed_run(_rank_bn_buffers, 2):
+        torch.testing.assert_close(out["cached"][0], out["direct"][0])
+        assert out["cached"][1] == out["direct"][1] == 2

@@ -1,4 +1,6 @@
 """Checkpoints: atomic keep-last-k, fallback past a torn file, weights_only loading, torchvision-loadable export."""
+import os
+
 import pytest
 import torch
 import torchvision
@@ -51,7 +53,7 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
     checkpoint.save(_state(5), tmp_path, 5, keep=1)
     only = checkpoint.list_checkpoints(tmp_path)[0]
     only.write_bytes(b"")
-    with pytest.warns(UserWarning), pytest.raises(checkpoint.ResumeError, match="unreadable: ckpt_000000005.pt"):
+    with pytest.warns(UserWarning), pytest.raises(checkpoint.ResumeError, match="damaged: ckpt_000000005.pt"):
         checkpoint.load_latest(tmp_path, quarantine=True)
     with pytest.raises(checkpoint.ResumeError, match="ckpt_000000005.pt.corrupt.*Move them away"):
         checkpoint.load_latest(tmp_path)  # the next attempt too, though the file is now quarantined
@@ -119,8 +121,74 @@ def test_fine_tune_source_resolution(tmp_path):
 
 
 def test_one_run_at_a_time_per_output_dir(tmp_path):
+    """The lock is per process (POSIX): a second process waits up to wait_s, then names the holder."""
+    import subprocess
+    import sys
+
     held = checkpoint.hold_output_dir(tmp_path / "run")
-    with pytest.raises(checkpoint.ResumeError, match=r"run is in use by another run \(pid \d+ on "):
-        checkpoint.hold_output_dir(tmp_path / "run")
+    code = ("import sys; from trainer import checkpoint\n"
+            "try:\n    checkpoint.hold_output_dir(sys.argv[1], wait_s=1.0)\n"
+            "except checkpoint.ResumeError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert f"run is in use by another run (pid {os.getpid()} on " in out and "delete" in out
     held.close()  # as when the process ends, whatever ends it
-    checkpoint.hold_output_dir(tmp_path / "run").close()
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert out == ""
+
+
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with pytest.warns(UserWarning, match="cannot be locked"):
+        checkpoint.hold_output_dir(tmp_path).close()
+
+
+def test_a_good_checkpoint_that_fails_to_load_stays_and_stops_the_run(tmp_path, monkeypatch):
+    """An I/O error (or memory, or a type a newer torch refuses) is not damage: no fallback to an older
+    checkpoint, no quarantine; the run stops naming the file and the cause."""
+    for step in (1, 2):
+        checkpoint.save(_state(step), tmp_path, step, keep=3)
+
+    def io_error(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(checkpoint.torch, "load", io_error)
+    with pytest.raises(checkpoint.ResumeError, match=r"ckpt_000000002\.pt could not be read .*Input/output error"):
+        checkpoint.load_latest(tmp_path, quarantine=True)
+    monkeypatch.undo()
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_000000001.pt", "ckpt_000000002.pt"]
+
+
+def _resume_on_rank(rank, world_size, folders):
+    """engine's resume choice where each rank sees its own folder: every rank must raise, none may wait."""
+    from types import SimpleNamespace
+
+    from trainer.distributed import DistContext
+    from trainer.engine import _load_resume_state
+
+    ctx = DistContext(rank, rank, world_size, torch.device("cpu"), "gloo")
+    try:
+        _load_resume_state(SimpleNamespace(output_dir=folders[rank]), ctx)
+    except checkpoint.ResumeError as err:
+        return str(err)
+    return "resumed"
+
+
+def test_ranks_that_cannot_agree_on_a_checkpoint_all_stop_naming_why(tmp_path, distributed_run):
+    good, damaged, older = (tmp_path / n for n in ("good", "damaged", "older"))
+    checkpoint.save(_state(4), good, 4, keep=1)
+    checkpoint.save(_state(2), older, 2, keep=1)
+    checkpoint.save(_state(4), damaged, 4, keep=1)
+    checkpoint.list_checkpoints(damaged)[0].write_bytes(b"")
+    only_rank_1_fails = distributed_run(_resume_on_rank, 2, [str(good), str(damaged)])
+    assert all("rank 1: no readable checkpoint" in m and "rank 0" not in m for m in only_rank_1_fails)
+    different_steps = distributed_run(_resume_on_rank, 2, [str(good), str(older)])
+    assert all("rank 0: step 4" in m and "rank 1: step 2" in m for m in different_steps)
+    assert distributed_run(_resume_on_rank, 2, [str(good), str(good)]) == ["resumed", "resumed"]

@@ -122,7 +122,7 @@ def test_torn_latest_checkpoint_resumes_from_previous(tmp_path):
     again = subprocess.run([sys.executable, *RUN, "max_steps=6", f"output_dir={tmp_path}"], cwd=REPO, env=ENV,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert latest.name in again.stderr and "unreadable" in again.stderr
+    assert latest.name in again.stderr and "damaged" in again.stderr
     assert "resumed from" in again.stdout and "ckpt_000000002.pt at step 2" in again.stdout
 
 
