@@ -17,27 +17,8 @@ import torch
 import torch.nn as nn
 
 from trainer.loss import NTXentLoss
+from trainer.model import bn_statistics_frozen
 from trainer.step import apply_gradients
-
-def _tracking_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.training and m.track_running_stats and m.running_mean is not None]
-
-
-@contextlib.contextmanager
-def _running_stats_frozen(model: nn.Module):
-    """Training-mode forwards that leave BN running statistics as they are (momentum 0, and
-    num_batches_tracked put back), while any other change to the buffers (DDP's broadcast) stays."""
-    layers = _tracking_batchnorms(model)
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
-    for m in layers:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(layers, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
 
 
 class _RunningStatsOncePerStep:
@@ -49,7 +30,8 @@ class _RunningStatsOncePerStep:
 
     def __init__(self, model: nn.Module, total_views: int):
         self.total = total_views
-        self.layers = _tracking_batchnorms(model)
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and m.training and m.track_running_stats and m.running_mean is not None]
         self.start = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
                       for m in self.layers]
         self.sums = [(torch.zeros_like(m.running_mean), torch.zeros_like(m.running_var)) for m in self.layers]
@@ -95,7 +77,7 @@ def cached_train_step(model: nn.Module, loss_fn: NTXentLoss, optimizer: torch.op
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     # pass 1: embeddings without autograd. BN running statistics stay (momentum 0; they advance in pass 3), but
     # not by restoring a copy: that would undo DDP's broadcast of rank 0's buffers in this pass's first forward
-    with torch.no_grad(), autocast, _running_stats_frozen(model):
+    with torch.no_grad(), autocast, bn_statistics_frozen(model):
         rng_states, embeddings = [], []
         for chunk in chunks:
             rng_states.append(_rng_state(device))

@@ -53,8 +53,9 @@ class SimCLRModel(nn.Module):
 
 
 @contextlib.contextmanager
-def _bn_statistics_frozen(module: nn.Module):
-    """BatchNorm keeps its running statistics (momentum 0, counter restored): for a checkpoint's recompute."""
+def bn_statistics_frozen(module: nn.Module):
+    """BatchNorm keeps its running statistics (momentum 0, counter restored) while any other change to the
+    buffers stays (DDP's broadcast): for a checkpoint's recompute and the cached step's first pass."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
              for m in norms]
@@ -80,7 +81,7 @@ class CheckpointedSequential(nn.Sequential):
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
         return checkpoint(super().forward, x, use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _bn_statistics_frozen(self)))
+                          context_fn=lambda: (contextlib.nullcontext(), bn_statistics_frozen(self)))
 
 
 def enable_activation_checkpointing(backbone: nn.Module) -> None:

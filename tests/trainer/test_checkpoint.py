@@ -25,22 +25,16 @@ def test_keeps_last_k_and_loads_newest(tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".*tmp*"))  # no temporary files left behind
 
 
-def test_truncated_latest_falls_back_to_previous_with_warning(tmp_path):
-    for step in (1, 2):
-        checkpoint.save(_state(step), tmp_path, step, keep=3)
-    newest = checkpoint.list_checkpoints(tmp_path)[-1]
-    newest.write_bytes(newest.read_bytes()[:50])
-    with pytest.warns(UserWarning, match="ckpt_000000002.pt"):
-        state, path = checkpoint.load_latest(tmp_path)
-    assert state["step"] == 1 and path.name == "ckpt_000000001.pt"
-
-
 def test_a_corrupt_newest_checkpoint_is_quarantined_not_kept_in_place_of_new_ones(tmp_path):
-    """keep=1 with a torn newest file: before, it sorted newest and every new checkpoint was pruned at once."""
+    """Fallback past a torn newest file; rank 0 renames it: with keep=1 it used to sort newest and have every
+    new checkpoint pruned at once."""
     for step in (10, 20):
         checkpoint.save(_state(step), tmp_path, step, keep=2)
     torn = checkpoint.list_checkpoints(tmp_path)[-1]
     torn.write_bytes(torn.read_bytes()[:50])
+    with pytest.warns(UserWarning, match="ckpt_000000020.pt is damaged"):
+        state, path = checkpoint.load_latest(tmp_path)  # ranks other than 0: fall back, leave the file
+    assert state["step"] == 10 and path.name == "ckpt_000000010.pt" and torn.exists()
     with pytest.warns(UserWarning, match="ckpt_000000020.pt"):
         state, _ = checkpoint.load_latest(tmp_path, quarantine=True)
     assert state["step"] == 10 and (tmp_path / "checkpoints" / "ckpt_000000020.pt.corrupt").exists()
