@@ -316,25 +316,23 @@ class FFCVTwoViewLoader:
                 self._stop_epoch()
 
     def _stop_epoch(self, timeout_s: float = 30.0) -> None:
-        """Stops the current epoch's FFCV thread. It looks at its stop flag when a put into its full queue of
-        ready batches times out (0.5 s), except for its last put (the end-of-epoch marker), which waits for
-        room: a queue still full after a second is emptied once. Should the thread outlive timeout_s (a very
-        slow batch), the next epoch gets fresh buffers, never ones it still writes."""
+        """Stops the current epoch's FFCV thread: it is given no further batches to decode (it finishes the one
+        in hand), and its queue of ready batches is emptied until it has queued its end-of-epoch marker (a put
+        that, unlike the others, waits for room) and ended. Should it outlive timeout_s (a batch slower than
+        that), the next epoch gets fresh buffers, never ones it still writes."""
         import queue
 
         iterator, self._epoch = self._epoch, None
         if iterator is None:
             return
+        iterator.iter_ixes = iter(())  # FFCV's list of the epoch's remaining batches
         iterator.close()
-        deadline, emptied = time.monotonic() + timeout_s, False
-        iterator.join(timeout=1.0)
+        deadline = time.monotonic() + timeout_s
         while iterator.is_alive() and time.monotonic() < deadline:
-            if not emptied and iterator.output_queue.full():
-                with contextlib.suppress(queue.Empty):
-                    while True:
-                        iterator.output_queue.get_nowait()
-                emptied = True
-            iterator.join(timeout=0.1)
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    iterator.output_queue.get_nowait()
+            iterator.join(timeout=0.05)
         if iterator.is_alive():
             self._buffers.clear()
         if self.device.type == "cuda":  # its copies into the reused device buffers are finished

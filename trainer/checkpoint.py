@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import socket
 import time
@@ -128,51 +127,54 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def _damaged(err: BaseException) -> bool:
-    """True for a file that is not a whole checkpoint (torn, truncated, garbage); False for a failure to read a
-    good one (an I/O error, out of memory, a type this torch version refuses to unpickle)."""
-    message = str(err)
-    if "Weights only load failed" in message:
-        return False
-    if isinstance(err, (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, _Incomplete)):
-        return True
-    return isinstance(err, RuntimeError) and any(m in message for m in ("PytorchStreamReader", "central directory",
-                                                                         "inline_container", "unexpected EOF"))
-
-
-class _Incomplete(ValueError):
-    pass
+def _damage(path: Path) -> str | None:
+    """Why `path` is not a whole checkpoint as torch writes one (a zip archive holding data.pkl, every record
+    matching its CRC), or None. Decided from the file's structure, not from torch.load's exception (damage
+    surfaces there as EOFError, OSError, UnpicklingError, RuntimeError, ... or not at all: torch does not
+    check CRCs, so a changed byte in tensor data loads silently). OSError: the file cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist()):
+                return "no data.pkl record"
+            bad = archive.testzip()
+            return f"record {bad} does not match its CRC" if bad is not None else None
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - BadZipFile, EOFError, struct errors: all say "not a whole archive"
+        return f"{type(err).__name__}: {err}"
 
 
 def load_latest(output_dir: str | os.PathLike, quarantine: bool = False) -> tuple[dict | None, Path | None]:
     """The newest checkpoint that loads (onto the CPU); (None, None) for a run without checkpoints.
 
-    A damaged one (torn, corrupt) is skipped with a warning naming it; with `quarantine` (rank 0) it is renamed
-    to <name>.corrupt so that it can neither shadow nor displace the checkpoints written after it. A failure to
-    read a good file (I/O error, memory, an incompatible torch) raises ResumeError and leaves it in place. A run
-    whose checkpoints (.corrupt ones included) are all damaged raises ResumeError instead of silently starting
-    again from step 0: move them away, or choose another output_dir, to start afresh."""
+    A damaged one (torn, truncated, corrupt: see _damage) is skipped with a warning naming it; with `quarantine`
+    (rank 0) it is renamed to <name>.corrupt so that it can neither shadow nor displace the checkpoints written
+    after it. A whole file that fails to load (I/O error, memory, a type this torch refuses) raises ResumeError
+    and stays in place. A run whose checkpoints (.corrupt ones included) are all damaged raises ResumeError
+    instead of silently starting again from step 0: move them away, or choose another output_dir, to start
+    afresh."""
     unreadable = sorted(checkpoint_dir(output_dir).glob("ckpt_*.pt.corrupt"))
     for path in reversed(list_checkpoints(output_dir)):
         try:
-            state = load(path, "cpu")
-            if not isinstance(state, dict) or "model" not in state or "step" not in state:
-                raise _Incomplete("missing model/step entries")
-            return state, path
+            reason = _damage(path)
+            if reason is None:
+                state = load(path, "cpu")
+                if isinstance(state, dict) and "model" in state and "step" in state:
+                    return state, path
+                reason = "not a training checkpoint (no model/step entries)"
         except FileNotFoundError:  # renamed by rank 0 meanwhile: damaged
             unreadable.append(path)
-        except Exception as err:  # noqa: BLE001 - sorted into damaged files and failures to read good ones
-            if not _damaged(err):
-                raise ResumeError(f"checkpoint {path} could not be read ({_causes(err)}); it is left in place: "
-                                  "fix the cause and run again") from err
-            warnings.warn(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); trying the previous one",
-                          stacklevel=2)
-            unreadable.append(path)
-            if quarantine:
-                try:
-                    path.rename(path.with_name(path.name + ".corrupt"))
-                except OSError:  # another process renamed it first
-                    pass
+            continue
+        except Exception as err:  # noqa: BLE001 - a whole file that does not load: not damage, stop here
+            raise ResumeError(f"checkpoint {path} could not be read ({_causes(err)}); it is left in place: "
+                              "fix the cause and run again") from err
+        warnings.warn(f"checkpoint {path} is damaged ({reason}); trying the previous one", stacklevel=2)
+        unreadable.append(path)
+        if quarantine:
+            try:
+                path.rename(path.with_name(path.name + ".corrupt"))
+            except OSError:  # another process renamed it first
+                pass
     if unreadable:
         raise ResumeError(f"no readable checkpoint in {checkpoint_dir(output_dir)}; damaged: "
                           f"{', '.join(p.name for p in unreadable)}. Move them away (or choose another "

@@ -120,8 +120,9 @@ def _hold_output_dir(cfg: Config, ctx: DistContext):
     if ctx.is_main:
         try:
             lock = checkpoint.hold_output_dir(cfg.output_dir)
-        except (checkpoint.ResumeError, OSError) as err:
-            problem = str(err) if isinstance(err, checkpoint.ResumeError) else f"output_dir {cfg.output_dir}: {err}"
+        except Exception as err:  # noqa: BLE001 - whatever it is, every rank must hear of it
+            problem = (str(err) if isinstance(err, checkpoint.ResumeError)
+                       else f"output_dir {cfg.output_dir}: {type(err).__name__}: {err}")
     if ctx.world_size > 1:
         shared = [problem]
         torch.distributed.broadcast_object_list(shared, src=0)
@@ -140,8 +141,8 @@ def _load_resume_state(cfg: Config, ctx: DistContext) -> tuple[dict | None, obje
     state, path, problem = None, None, None
     try:
         state, path = checkpoint.load_latest(cfg.output_dir, quarantine=ctx.is_main)
-    except checkpoint.ResumeError as err:
-        problem = str(err)
+    except Exception as err:  # noqa: BLE001 - whatever it is, every rank must hear of it
+        problem = str(err) if isinstance(err, checkpoint.ResumeError) else f"{type(err).__name__}: {err}"
     steps = _agree(ctx, problem, (state["step"] if state is not None else 0, str(path)))
     if len({s for s, _ in steps}) > 1:
         raise checkpoint.ResumeError(

@@ -1,6 +1,7 @@
 """Checkpoints: atomic keep-last-k, fallback past a torn file, weights_only loading, torchvision-loadable export."""
 import os
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -142,6 +143,42 @@ def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "lockf", no_locks)
     with pytest.warns(UserWarning, match="cannot be locked"):
         checkpoint.hold_output_dir(tmp_path).close()
+
+
+def _damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+    elif how == "zeros":
+        path.write_bytes(bytes(5000))
+    elif how == "cut at 20 KB":
+        path.write_bytes(bytes(data[:20_000]))
+    elif how == "a byte of data.pkl changed":
+        at = data.index(b"data.pkl") + 200  # inside the pickle, past its local header
+        data[at] ^= 0x55
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["random bytes", "zeros", "cut at 20 KB", "a byte of data.pkl changed"])
+def test_damage_of_every_kind_falls_back_to_the_previous_checkpoint(tmp_path, how):
+    """torch reports these as EOFError, OSError, UnpicklingError or RuntimeError; all are damage."""
+    big = {"model": {"w": torch.arange(50_000, dtype=torch.float32)}, "step": 0, "note": "x" * 3000}
+    for step in (1, 2):
+        checkpoint.save({**big, "step": step}, tmp_path, step, keep=2)
+    _damage(checkpoint.list_checkpoints(tmp_path)[-1], how)
+    with pytest.warns(UserWarning, match="ckpt_000000002.pt is damaged"):
+        state, path = checkpoint.load_latest(tmp_path, quarantine=True)
+    assert state["step"] == 1 and (tmp_path / "checkpoints" / "ckpt_000000002.pt.corrupt").exists()
+
+
+def test_a_type_this_torch_refuses_is_not_damage(tmp_path):
+    from fractions import Fraction
+
+    checkpoint.save(_state(1), tmp_path, 1, keep=2)
+    checkpoint.save({**_state(2), "ratio": Fraction(1, 3)}, tmp_path, 2, keep=2)
+    with pytest.raises(checkpoint.ResumeError, match=r"ckpt_000000002\.pt could not be read .*Weights only"):
+        checkpoint.load_latest(tmp_path, quarantine=True)
+    assert (tmp_path / "checkpoints" / "ckpt_000000002.pt").exists()
 
 
 def test_a_good_checkpoint_that_fails_to_load_stays_and_stops_the_run(tmp_path, monkeypatch):
