@@ -119,7 +119,9 @@ def _hold_output_dir(cfg: Config, ctx: DistContext):
     lock, problem = None, None
     if ctx.is_main:
         try:
-            lock = checkpoint.hold_output_dir(cfg.output_dir)
+            # the other ranks wait in the broadcast below: within dist_timeout_s
+            lock = checkpoint.hold_output_dir(cfg.output_dir, wait_s=min(checkpoint.LOCK_WAIT_S,
+                                                                         cfg.dist_timeout_s / 2))
         except Exception as err:  # noqa: BLE001 - whatever it is, every rank must hear of it
             problem = (str(err) if isinstance(err, checkpoint.ResumeError)
                        else f"output_dir {cfg.output_dir}: {type(err).__name__}: {err}")
