@@ -125,13 +125,11 @@ def _hold_output_dir(cfg: Config, ctx: DistContext):
         except Exception as err:  # noqa: BLE001 - whatever it is, every rank must hear of it
             problem = (str(err) if isinstance(err, checkpoint.ResumeError)
                        else f"output_dir {cfg.output_dir}: {type(err).__name__}: {err}")
-    if ctx.world_size > 1:
+    if ctx.world_size > 1:  # only rank 0 can fail here: its outcome is every rank's
         shared = [problem]
         torch.distributed.broadcast_object_list(shared, src=0)
         problem = shared[0]
     if problem is not None:
-        if lock is not None:
-            lock.close()
         raise checkpoint.ResumeError(problem)
     return lock
 
