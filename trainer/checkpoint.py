@@ -57,6 +57,11 @@ def atomic_save(obj, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:  # the rename itself reaches the disk (else a power loss can undo it on some file systems)
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     except (OSError, RuntimeError) as err:
         raise CheckpointError(f"writing {path} failed ({_causes(err)}); the files already there are intact") from err
     finally:
