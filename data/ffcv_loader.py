@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -41,7 +40,7 @@ def _uniform(key, n):
     return np.float64(x >> _S11) * (1.0 / 9007199254740992.0)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _torch_threads_kept():
     """FFCV sets torch's intra-op thread count: to 1 when first imported, to num_workers when a loader starts an
     epoch. Puts back the caller's on the way out."""

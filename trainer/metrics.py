@@ -13,18 +13,19 @@ class RunLogger:
     """Writes `metrics.jsonl`, TensorBoard events (tb/) and console lines; a no-op on ranks other than 0."""
 
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True):
-        self.enabled = enabled
-        self.writer = None
+        self.enabled, self.tensorboard = enabled, tensorboard
+        self.writer = None  # opened at the first record, or by resumed() (one events file per run)
         self.jsonl = None
         if not enabled:
             return
         self.out = Path(output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.out / "tb"))
+    def _open_writer(self, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=purge_step)
 
     def resumed(self, step: int) -> None:
         """The run goes on from a checkpoint at `step`: records of later steps (written before a crash, and
@@ -41,11 +42,10 @@ class RunLogger:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         self.jsonl = open(path, "a", buffering=1)
-        if self.writer is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer.close()
-            self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=step + 1)
+        if self.tensorboard:
+            if self.writer is not None:
+                self.writer.close()
+            self._open_writer(purge_step=step + 1)
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -62,6 +62,8 @@ class RunLogger:
         record = {"kind": kind, "step": step, "time": round(time.time(), 3),
                   **{k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in scalars.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
+        if self.tensorboard and self.writer is None:
+            self._open_writer()
         if self.writer is not None:
             for key, value in scalars.items():
                 if isinstance(value, (int, float)):

@@ -22,6 +22,7 @@ def test_resume_drops_the_records_it_will_write_again(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2  # one per logger, no empty extras
 
 
 def test_disabled_logger_writes_nothing(tmp_path):
