@@ -24,8 +24,11 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     folder = checkpoint_dir(output_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=_step)
+
+
+def _step(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
 
 
 class CheckpointError(RuntimeError):
@@ -110,10 +113,6 @@ def hold_output_dir(output_dir: str | os.PathLike, wait_s: float = LOCK_WAIT_S):
     return handle
 
 
-def _step(path: Path) -> int:
-    return int(_NAME.match(path.name).group(1))
-
-
 def save(state: dict, output_dir: str | os.PathLike, step: int, keep: int) -> Path:
     """Writes ckpt_<step>.pt atomically, then deletes the older checkpoints beyond the newest `keep`, and the
     temporary files of writes that a killed process left behind."""
@@ -122,9 +121,8 @@ def save(state: dict, output_dir: str | os.PathLike, step: int, keep: int) -> Pa
     older = [p for p in list_checkpoints(output_dir) if _step(p) < step]
     for old in older[:max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)
-    for stray in path.parent.glob(".ckpt_*.pt.tmp*"):
-        if stray.name != f".{path.name}.tmp{os.getpid()}":
-            stray.unlink(missing_ok=True)
+    for stray in path.parent.glob(".ckpt_*.pt.tmp*"):  # atomic_save removed its own: these are a dead writer's
+        stray.unlink(missing_ok=True)
     return path
 
 
