@@ -43,17 +43,23 @@ class ModelConfig:
     out_dim: int = 128  # projection output dimension (the paper used 128; the seed 256)
     small_stem: bool = False  # 3x3 stride-1 first conv, no max-pool: for images of 32-96 px
     head_layers: int = 2  # projection head depth (2 as SimCLR v1, 3 as v2)
-    sync_bn: bool = True  # SyncBatchNorm across ranks (CUDA only: PyTorch has no CPU kernel)
+    sync_bn: bool = True  # BatchNorm statistics over the global batch (all ranks), as the SimCLR paper's global BN
+    sync_bn_impl: str = "global"  # global: trainer/global_bn.py (pure torch: CPU and CUDA, no host syncs) |
+    # torch: nn.SyncBatchNorm (CUDA only, one device-to-host sync per layer per forward)
     sync_bn_group_size: int = 0  # synchronize BN within groups of this many ranks (0: all ranks)
     channels_last: bool = True  # NHWC memory format (CUDA only)
 
     def __post_init__(self):
-        if self.base_model not in ("resnet18", "resnet34", "resnet50"):
-            raise ConfigError(f"model.base_model={self.base_model!r}: choose resnet18, resnet34 or resnet50")
+        from trainer.small_nets import BACKBONES
+        names = ("resnet18", "resnet34", "resnet50", *BACKBONES)
+        if self.base_model not in names:
+            raise ConfigError(f"model.base_model={self.base_model!r}: choose one of {', '.join(names)}")
         if self.out_dim < 1:
             raise ConfigError(f"model.out_dim={self.out_dim}: must be >= 1")
         if self.head_layers not in (2, 3):
             raise ConfigError(f"model.head_layers={self.head_layers}: must be 2 or 3")
+        if self.sync_bn_impl not in ("global", "torch"):
+            raise ConfigError(f"model.sync_bn_impl={self.sync_bn_impl!r}: choose global or torch")
         if self.sync_bn_group_size < 0:
             raise ConfigError(f"model.sync_bn_group_size={self.sync_bn_group_size}: must be >= 0")
 

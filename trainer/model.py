@@ -8,6 +8,7 @@ import torch.nn as nn
 import torchvision
 from torch.utils.checkpoint import checkpoint
 
+from trainer import small_nets
 from trainer.config import ModelConfig
 
 
@@ -16,6 +17,8 @@ def build_backbone(base_model: str, small_stem: bool = False) -> tuple[nn.Module
 
     small_stem: 3x3 stride-1 first conv and no max-pool (CIFAR/STL10-size images), as in the SimCLR paper.
     """
+    if base_model in small_nets.BACKBONES:
+        return small_nets.BACKBONES[base_model](small_stem)
     constructor = getattr(torchvision.models, base_model, None)
     if constructor is None or not base_model.startswith("resnet"):
         raise ValueError(f"base_model={base_model!r}: not a torchvision ResNet")
