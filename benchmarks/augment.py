@@ -1,6 +1,6 @@
 """Device augmentation throughput in views/s: data.augment against kornia and a torchvision per-sample loop.
 
-    python -m benchmarks.augment [--device cpu|cuda] [--size 96] [--batch 256] [--seconds 20] [--threads N]
+    python -m benchmarks.augment [--device cpu|cuda|cuda:N] [--size 96] [--batch 256] [--seconds 20] [--threads N]
                                  [--out FILE]
 
 Every case takes the same uint8 [batch, 3, size, size] batch of photograph crops on the device and returns float
@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.common import emit, environment, sync
+from benchmarks.common import add_device_argument, emit, environment, resolve_device, sync
 from data.augment import SimCLRAugment, random_resized_crop_flip
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -93,7 +93,7 @@ def _interleaved(cases: dict[str, Callable[[], object]], device: torch.device, s
 
 def measure_views_per_s(device, size: int = 96, batch: int = 256, seconds: float = 20.0) -> dict:
     """views/s of each case (see the module docstring) and the ratios of data.augment to the baselines."""
-    device = torch.device(device)
+    device = resolve_device(device)
     images = photo_batch(batch, size, device)
     ours, ours_full = SimCLRAugment(), SimCLRAugment(blur_prob=0.5, solarize_prob=0.2)
     g = torch.Generator(device=device).manual_seed(0)
@@ -122,7 +122,7 @@ def measure_views_per_s(device, size: int = 96, batch: int = 256, seconds: float
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--size", type=int, default=96, help="image side in px (96: STL10)")
     parser.add_argument("--batch", type=int, default=256, help="views per call")
     parser.add_argument("--seconds", type=float, default=20.0, help="total timed run, shared by all cases")

@@ -1,14 +1,64 @@
-"""What every benchmark report records: machine, versions, commit, config; and an interleaved timer."""
+"""What every benchmark shares: the --device argument, the report's machine/versions/commit, an interleaved timer."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from typing import Callable
 
 import torch
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def device_arg(text: str) -> str:
+    """argparse type of every benchmark's --device: auto | cpu | cuda | cuda:N, checked against this machine
+    (so `--device cuda:3` on a 2-GPU node, or `cuda` without CUDA, stops at parsing with the reason)."""
+    text = text.strip().lower()
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--device {text!r}: use {DEVICE_CHOICES}")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"--device {text}: CUDA is not available on this machine (use cpu)")
+        count = torch.cuda.device_count()
+        if match.group(1) is not None and int(match.group(1)) >= count:
+            raise argparse.ArgumentTypeError(f"--device {text}: this machine has {count} CUDA device(s), "
+                                             f"cuda:0..cuda:{count - 1}")
+    return text
+
+
+def resolve_device(text: str, local_rank: int = 0) -> torch.device:
+    """The device a benchmark runs on: `cuda` (and `auto` with CUDA) is this process's cuda:LOCAL_RANK,
+    `cuda:N` exactly device N; errors as device_arg's (raised as ValueError)."""
+    try:
+        text = device_arg(text)
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(str(err)) from None
+    if text == "cpu" or (text == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if text in ("auto", "cuda"):
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(text)
+
+
+def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--device", default=default, type=device_arg,
+                        help=f"{DEVICE_CHOICES} (cuda: this process's cuda:LOCAL_RANK; default {default})")
+
+
+def init_one_process(device: str):
+    """A process group of one on `device` (any of device_arg's forms), for the benchmarks that run the trainer's
+    DDP code in a single process; returns the trainer's DistContext."""
+    from trainer import distributed
+
+    dev = resolve_device(device)
+    # pick_device maps cuda to cuda:local_rank: passing the wanted index as local_rank selects cuda:N
+    return distributed.init(distributed.WorldInfo(0, dev.index or 0, 1, 0), dev.type)
 
 
 def environment() -> dict:

@@ -1,6 +1,6 @@
 """Peak memory and step time of the cached (chunked) step vs the direct step, side by side in one process.
 
-    python -m benchmarks.large_batch [--model resnet18] [--image-size 32] [--batch 128] [--chunk 32] [--device cpu]
+    python -m benchmarks.large_batch [--model resnet18] [--image-size 32] [--batch 128] [--chunk 32] [--device cpu|cuda|cuda:N]
 
 On CUDA peak memory is torch.cuda.max_memory_allocated. On CPU it is the growth of the process's resident
 set during one step (VmHWM after resetting it through /proc/self/clear_refs), with glibc's mmap threshold
@@ -14,8 +14,7 @@ import time
 
 import torch
 
-from benchmarks.common import emit, environment, sync
-from trainer import distributed
+from benchmarks.common import add_device_argument, emit, environment, resolve_device, sync
 from trainer.cached_step import cached_train_step
 from trainer.config import ModelConfig
 from trainer.loss import NTXentLoss
@@ -91,11 +90,11 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=128, help="images per step (two views each)")
     parser.add_argument("--chunk", type=int, default=32, help="views per chunk in the cached step")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    device = distributed.pick_device(args.device, 0)
+    device = resolve_device(args.device)
     result = measure(args.model, args.image_size, args.batch, args.chunk, device, args.rounds)
     emit({"benchmark": "large_batch", "environment": environment(), "config": vars(args), "results": result},
          args.out)

@@ -1,13 +1,13 @@
 """Loader throughput in samples/s delivered as two views, side by side in one run, from real photographs.
 
-    python -m benchmarks.loader [--quick] [--device cpu|cuda] [--workers 2]
+    python -m benchmarks.loader [--quick] [--device cpu|cuda|cuda:N] [--workers 2]
 
 (a) the FFCV loader (decode once + two random-resized crops + flips: what stays on the CPU when a GPU is present),
     next to (a0) stock FFCV with two pipelines on the image field (decodes every image twice);
 (b) the seed's way: the full augmentation in PIL DataLoader workers (crop, flip, ColorJitter p=0.8,
     grayscale p=0.2, ToTensor to float as the seed did, both views);
 (c) JPEG decode alone (PIL, one decode per sample): the limit of any JPEG pipeline;
-(d) data.augment.SimCLRAugment alone on the device, in views/s.
+(d) data.augment.SimCLRAugment alone on --device (the device given, never silently the CPU), in views/s.
 At 96 px (STL10-like) and 224 px, from ~400x350 JPEG crops of scikit-learn's sample photographs.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import emit, environment, sync
+from benchmarks.common import add_device_argument, emit, environment, resolve_device, sync
 
 
 def make_photos(folder: Path, count: int) -> Path:
@@ -147,9 +147,9 @@ def workers_sweep(beton: Path, size: int, batch: int, budget_s: float) -> dict:
 
 
 def run(quick: bool = True, device: str = "cpu", workers: int = 2) -> dict:
+    dev = resolve_device(device)  # first: a device this machine lacks stops the run before any work
     from data.prepare import prepare
 
-    dev = torch.device("cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     count, budget = (256, 4.0) if quick else (1024, 15.0)
     results = {}
     threads = torch.get_num_threads()
@@ -168,7 +168,7 @@ def run(quick: bool = True, device: str = "cpu", workers: int = 2) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser, default="cpu")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out")

@@ -1,7 +1,7 @@
 """NT-Xent time and peak memory per rank vs global batch (256..8192) and world size (1, 2, 8), against the
 full 2N x 2N matrix that a naive implementation builds on every rank.
 
-    python -m benchmarks.loss [--device cpu|cuda] [--dim 128] [--quick]
+    python -m benchmarks.loss [--device cpu|cuda|cuda:N] [--dim 128] [--quick]
 
 One rank's slice is computed on one device: its 2n local rows against 2N columns (the gathered embeddings are
 simulated by a tensor of the right size, so the numbers are the loss's own, without communication).
@@ -16,8 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import emit, environment, sync
-from trainer import distributed
+from benchmarks.common import add_device_argument, emit, environment, resolve_device, sync
 from trainer.loss import rank_logits
 
 
@@ -72,7 +71,7 @@ def measure(global_batch: int, world_size: int, dim: int, device: torch.device) 
 
 
 def run(device: str = "auto", quick: bool = False, dim: int = 128, batches: list[int] | None = None) -> dict:
-    dev = distributed.pick_device(device, 0)
+    dev = resolve_device(device)
     batches = batches or ([256, 1024, 8192] if quick else [256, 1024, 4096, 8192])
     rows = [measure(b, w, dim, dev) for b in batches for w in (1, 2, 8)]
     return {"benchmark": "loss", "environment": environment(), "config": {"device": str(dev), "dim": dim},
@@ -81,7 +80,7 @@ def run(device: str = "auto", quick: bool = False, dim: int = 128, batches: list
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out")

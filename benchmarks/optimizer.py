@@ -1,6 +1,6 @@
 """Optimizer step time on ResNet-50's parameters: LARS (foreach) vs SGD-momentum (foreach) vs a per-parameter LARS loop.
 
-    python -m benchmarks.optimizer [--device cpu|cuda] [--model resnet50] [--rounds 5]
+    python -m benchmarks.optimizer [--device cpu|cuda|cuda:N] [--model resnet50] [--rounds 5]
 
 Goal: LARS / SGD step time <= 1.3.
 """
@@ -10,8 +10,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import emit, environment, interleaved_rates
-from trainer import distributed
+from benchmarks.common import add_device_argument, emit, environment, interleaved_rates, resolve_device
 from trainer.config import ModelConfig
 from trainer.model import build_model
 from trainer.optim import LARS, param_groups
@@ -41,7 +40,7 @@ class LoopLARS(torch.optim.Optimizer):
 
 
 def run(device: str = "auto", model_name: str = "resnet50", rounds: int = 5) -> dict:
-    dev = distributed.pick_device(device, 0)
+    dev = resolve_device(device)
     optimizers = {}
     for name in ("lars_foreach", "sgd_momentum_foreach", "lars_per_parameter_loop"):
         torch.manual_seed(0)
@@ -65,7 +64,7 @@ def run(device: str = "auto", model_name: str = "resnet50", rounds: int = 5) -> 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out")

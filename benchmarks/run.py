@@ -1,6 +1,6 @@
 """Runs every benchmark and writes JSON, CSV, PNG plots and a markdown summary to benchmarks/results/<machine>-<date>/.
 
-    python -m benchmarks.run [--device cpu|cuda] [--quick] [--out DIR] [--only step,loss,...]
+    python -m benchmarks.run [--device cpu|cuda|cuda:N] [--quick] [--out DIR] [--only step,loss,...]
 
 Each speed claim is a ratio against a baseline measured in the same run: the full SimCLR step against the
 bare model forward/backward, the rank's NT-Xent slice against the full matrix, LARS against SGD, the cached
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import comm, loss, optimizer, step
-from benchmarks.common import emit, environment
+from benchmarks.common import add_device_argument, emit, environment, init_one_process
 from trainer import distributed
 
 # dense bf16 tensor-core peak per GPU model, FLOP/s (vendor data sheets)
@@ -213,7 +213,7 @@ def summary(results: dict, env: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and rounds (minutes on a laptop CPU)")
     parser.add_argument("--tiny", action="store_true", help="smallest sizes: checks the report, not speeds")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<machine>-<date>)")
@@ -225,19 +225,20 @@ def main(argv=None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     wanted = set(args.only.split(",")) if args.only else {"step", "loss", "optimizer", "large_batch", "comm",
                                                               "end_to_end", "loader"}
-    ctx = distributed.init(distributed.WorldInfo(0, 0, 1, 0), args.device)
+    ctx = init_one_process(args.device)
+    device = str(ctx.device)  # every benchmark below runs on this one device (cuda:N as given)
     scale = "tiny" if args.tiny else "quick" if args.quick else "full"
     results: dict = {}
     lb_batch, lb_chunk = {"tiny": (4, 4), "quick": (32, 16), "full": (128, 32)}[scale]
     jobs = {"step": lambda: step_suite(ctx, scale),
-            "loss": lambda: loss.run(args.device, scale != "full", batches=[256] if scale == "tiny" else None),
-            "optimizer": lambda: optimizer.run(args.device, "resnet18" if scale == "tiny" else "resnet50",
+            "loss": lambda: loss.run(device, scale != "full", batches=[256] if scale == "tiny" else None),
+            "optimizer": lambda: optimizer.run(device, "resnet18" if scale == "tiny" else "resnet50",
                                                rounds={"tiny": 1, "quick": 7, "full": 9}[scale]),
             "large_batch": lambda: large_batch_fresh_process(16 if scale == "tiny" else 32, lb_batch, lb_chunk,
-                                                             str(ctx.device), 1 if scale == "tiny" else 2),
+                                                             device, 1 if scale == "tiny" else 2),
             "comm": lambda: comm.run(quick=scale != "full"),
             "end_to_end": lambda: end_to_end(scale),
-            "loader": lambda: loader_suite(scale, str(ctx.device))}
+            "loader": lambda: loader_suite(scale, device)}
     try:
         for name, job in jobs.items():
             if name in wanted:

@@ -1,6 +1,6 @@
 """Step overhead: the full SimCLR step (DDP, gathered NT-Xent, LARS, AMP) vs the bare model forward/backward.
 
-    python -m benchmarks.step [--device cpu|cuda] [--model resnet18] [--image-size 32] [--batch 64] [--amp off]
+    python -m benchmarks.step [--device cpu|cuda|cuda:N] [--model resnet18] [--image-size 32] [--batch 64] [--amp off]
     torchrun --nproc_per_node=2 -m benchmarks.step ...   (the gather and all-reduce over 2 processes)
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from benchmarks.common import emit, environment, interleaved_rates
+from benchmarks.common import add_device_argument, emit, environment, interleaved_rates, resolve_device
 from trainer import distributed
 from trainer.config import ModelConfig
 from trainer.loss import NTXentLoss
@@ -55,7 +55,7 @@ def measure(ctx, base_model: str, image_size: int, per_rank_batch: int, amp: str
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64, help="per-rank batch (images; two views each)")
@@ -65,7 +65,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args(argv)
     world = distributed.world_from_env()
-    ctx = distributed.init(world, args.device)
+    if world.world_size > 1 and ":" in args.device:
+        parser.error(f"--device {args.device} names one device; under torchrun use --device cuda "
+                     "(each rank takes cuda:LOCAL_RANK)")
+    device = resolve_device(args.device, world.local_rank)
+    # pick_device maps cuda to cuda:local_rank, so the resolved index goes in as local_rank
+    ctx = distributed.init(distributed.WorldInfo(world.rank, device.index or 0, world.world_size,
+                                                 world.restart_count, world.launcher_pid), device.type)
     try:
         result = measure(ctx, args.model, args.image_size, args.batch, args.amp, not args.no_channels_last,
                          args.rounds)
