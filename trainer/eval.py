@@ -7,7 +7,8 @@ Rows: SimCLR backbone, the same backbone at random initialization, PCA on raw pi
 pixels (small sets), each with a logistic-regression probe (standardized features, as the seed's StandardScaler)
 and a weighted kNN (k=200, T=0.1, cosine on features centered by the train mean; --knn-plain: uncentered).
 Features are extracted once (sharded across ranks under torchrun, AMP on CUDA); the classifiers run on rank 0.
-Writes eval.json and eval.md next to the checkpoint (or to --out).
+Writes eval.json and eval.md next to the checkpoint (or to --out); with --split validation (digits: a stratified
+part of the training split stands in for the test split, to choose recipes) eval_validation.json and .md.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from trainer.model import build_backbone
 from trainer.probe import knn_classify, linear_probe, markdown_table, pca_features, result_row, stratified_split
 from trainer.step import resolve_amp
 
-ARCH = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50"}
+ARCH = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50",
+        "resnet8": "ResNet-8 (32-64-128)", "resnet8_wide": "ResNet-8 (64-128-256)"}
 
 
 # ----------------------------------------------------------------------------- data
@@ -54,14 +56,27 @@ class _Resized(torch.utils.data.Dataset):
         return self.transform(image.convert("RGB")), label
 
 
-def labeled_splits(name: str, data_dir: str | None, image_size: int, seed: int, test_fraction: float = 0.3):
-    """(train, test) each as (images tensor or Dataset, labels or None) for the evaluation protocol."""
+def labeled_splits(name: str, data_dir: str | None, image_size: int, seed: int, test_fraction: float = 0.3,
+                   split: str = "test", val_fraction: float = 0.2):
+    """(train, test) each as (images tensor or Dataset, labels or None) for the evaluation protocol.
+
+    split="validation" (digits): the held-out test part is left out altogether; a stratified val_fraction of the
+    training part (seed + 1) takes its place and the rest is the train part. For choosing a recipe without
+    looking at the test split (pretraining saw those images, unlabeled, as it saw every training image).
+    """
+    if split not in ("test", "validation"):
+        raise ValueError(f"split={split!r}: choose test or validation")
     if name == "digits":
         from data.digits import load_digits_uint8
 
         images, labels = load_digits_uint8(image_size)
         train, test = stratified_split(labels, test_fraction, seed=seed)  # the split pretraining never saw
+        if split == "validation":
+            fit, val = stratified_split(labels[train], val_fraction, seed=seed + 1)
+            train, test = train[fit], train[val]
         return (images[train], labels[train]), (images[test], labels[test])
+    if split != "test":
+        raise ValueError(f"--split {split}: only digits has a validation protocol here (its labels are in memory)")
     if not data_dir or not Path(data_dir).exists():
         raise FileNotFoundError(f"--data-dir {data_dir!r}: the {name} data directory does not exist")
     import torchvision.datasets as tvd
@@ -111,7 +126,8 @@ def evaluate(args) -> dict:
     try:
         backbone, random_init, cfg, info = load_evaluated_backbone(args.checkpoint, args.base_model, args.small_stem)
         size = args.image_size or cfg.dataset.image_size
-        (train_src, train_y), (test_src, test_y) = labeled_splits(args.dataset, args.data_dir, size, cfg.seed)
+        (train_src, train_y), (test_src, test_y) = labeled_splits(
+            args.dataset, args.data_dir, size, cfg.seed, cfg.eval.test_fraction, args.split, args.val_fraction)
         amp = resolve_amp("auto", ctx.device)
         feats = {}
         for name, net in (("SimCLR", backbone), ("Random init", random_init)):
@@ -125,7 +141,7 @@ def evaluate(args) -> dict:
             return {}
         rows = _rows(args, feats, train_src, test_src, train_y, test_y, cfg, info)
         knn = {"k": args.knn_k, "temperature": args.knn_temperature, "centered": not args.knn_plain}
-        return {"dataset": args.dataset, "image_size": size, "knn": knn, "rows": rows, **info}
+        return {"dataset": args.dataset, "split": args.split, "image_size": size, "knn": knn, "rows": rows, **info}
     finally:
         distributed.shutdown()
 
@@ -161,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="torchvision data root (imagefolder: a folder with train/ and val/)")
     parser.add_argument("--image-size", type=int, help="default: the run's dataset.input_shape")
     parser.add_argument("--base-model", choices=sorted(ARCH), help="for exported backbones (default resnet18)")
+    parser.add_argument("--split", default="test", choices=["test", "validation"],
+                        help="test: the held-out split; validation (digits): a stratified part of the training "
+                             "split instead, for choosing a recipe without the test split")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of the training split (--split validation)")
     parser.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--knn-k", type=int, default=200)
@@ -181,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or result["run_dir"])
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(result["rows"])
-    (out / "eval.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / "eval.md").write_text(f"{args.dataset}, held-out test split\n\n{table}\n")
+    stem = "eval" if args.split == "test" else "eval_validation"  # a validation look never replaces the table
+    where = "held-out test split" if args.split == "test" else "validation part of the training split"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / f"{stem}.md").write_text(f"{args.dataset}, {where}\n\n{table}\n")
     print(table)
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
     return 0
 
 

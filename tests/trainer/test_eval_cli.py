@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from trainer import checkpoint
@@ -74,3 +75,43 @@ def test_imagefolder_protocol_center_crops_the_border_away(tmp_path):
     from trainer.eval import _Resized
     whole, _ = _Resized(ImageFolder(str(tmp_path / "train")), 32)[0]
     assert whole[1, 0].float().mean() < 200  # without the margin the top rows keep the frame
+
+
+def test_validation_split_is_carved_from_the_training_part_only():
+    """--split validation: a stratified 20% of the training part stands in for the test split, which is left
+    out entirely (choosing a recipe there cannot see a test image, labeled or not)."""
+    from data.digits import load_digits_uint8
+    from trainer.eval import labeled_splits
+    from trainer.probe import stratified_split
+
+    images, labels = load_digits_uint8(8)
+    train_idx, test_idx = stratified_split(labels, 0.3, seed=5)
+    (tr_x, tr_y), (va_x, va_y) = labeled_splits("digits", None, 8, seed=5, split="validation")
+    (full_x, _), (test_x, _) = labeled_splits("digits", None, 8, seed=5, split="test")
+    assert len(tr_x) + len(va_x) == len(train_idx) == len(full_x)
+
+    def rows(x):  # images as hashable rows: the digits have no exact duplicates across these sets
+        return {bytes(r.numpy()) for r in x.flatten(1)}
+
+    assert rows(tr_x).isdisjoint(rows(va_x))
+    assert (rows(tr_x) | rows(va_x)) == rows(full_x) and rows(full_x).isdisjoint(rows(test_x))
+    per_class = torch.bincount(va_y, minlength=10).float() / torch.bincount(labels[train_idx], minlength=10)
+    assert torch.all((per_class - 0.2).abs() < 0.01)  # stratified: 20% of every class
+    with pytest.raises(ValueError, match="only digits"):
+        labeled_splits("stl10", "/nonexistent", 96, seed=0, split="validation")
+
+
+def test_validation_evaluation_writes_its_own_files(tmp_path):
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet8", small_stem=True)
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pt")
+    out = tmp_path / "eval"
+    code = eval_main(["--checkpoint", str(tmp_path / "backbone.pt"), "--dataset", "digits", "--image-size", "16",
+                      "--base-model", "resnet8", "--small-stem", "--device", "cpu", "--out", str(out),
+                      "--split", "validation"])
+    assert code == 0 and not (out / "eval.json").exists()  # the test table is never overwritten by a look
+    result = json.loads((out / "eval_validation.json").read_text())
+    assert result["split"] == "validation"
+    arch = {row["architecture"] for row in result["rows"] if row["extractor"] == "SimCLR"}
+    assert arch == {"ResNet-8 (32-64-128)"}
+    assert "validation part of the training split" in (out / "eval_validation.md").read_text()
