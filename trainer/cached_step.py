@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from trainer.loss import NTXentLoss
@@ -119,24 +120,38 @@ def auto_chunk_size(per_rank_views: int, bytes_per_view: float, free_bytes: floa
     return size
 
 
-def measure_bytes_per_view(model: nn.Module, image_size: int, device: torch.device,
-                           amp_dtype: torch.dtype | None, probe_views: int = 8) -> float:
-    """Activation memory of one view in a training forward + backward, measured on CUDA with a small batch."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    x = torch.randn(probe_views, 3, image_size, image_size, device=device)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+def probe_step(model: nn.Module, views: int, image_size: int, device: torch.device,
+               amp_dtype: torch.dtype | None) -> None:
+    """One training-mode forward + backward on `views` random views that leaves no trace: BatchNorm running
+    statistics and counters stay (bn_statistics_frozen), the RNG streams the run continues with stay (forked;
+    the random views come from a private generator), gradients are dropped. Pass the model without DDP: the
+    probe must not take part in DDP's gradient synchronization."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(views, 3, image_size, image_size, device=device, generator=generator)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bn_statistics_frozen(model), \
+            torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         out = model(x)
     out.float().square().mean().backward()
-    peak = torch.cuda.max_memory_allocated(device)
     model.zero_grad(set_to_none=True)
-    return (peak - base) / probe_views
 
 
-def choose_chunk_size(configured: int, model: nn.Module, per_rank_views: int, image_size: int,
-                      device: torch.device, amp_dtype: torch.dtype | None) -> int:
-    """The configured chunk size, or on CUDA the largest that fits free memory (64 on CPU)."""
+def measure_bytes_per_view(model: nn.Module, image_size: int, device: torch.device,
+                           amp_dtype: torch.dtype | None, probe_views: int = 8) -> float:
+    """Activation memory of one view in a training forward + backward, measured on CUDA as the difference of
+    two probe sizes: what does not grow with the batch (bf16 weight copies, cuDNN workspace) cancels."""
+    peaks = []
+    for views in (probe_views, 2 * probe_views):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        probe_step(model, views, image_size, device, amp_dtype)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    return max(peaks[1] - peaks[0], 1.0) / probe_views
+
+
+def local_chunk_size(configured: int, model: nn.Module, per_rank_views: int, image_size: int,
+                     device: torch.device, amp_dtype: torch.dtype | None) -> int:
+    """This rank's choice: the configured chunk size, or on CUDA the largest that fits its free memory (64 on CPU)."""
     if configured > 0:
         return min(configured, per_rank_views)
     if device.type != "cuda":
@@ -144,3 +159,14 @@ def choose_chunk_size(configured: int, model: nn.Module, per_rank_views: int, im
     free_bytes, _ = torch.cuda.mem_get_info(device)
     return auto_chunk_size(per_rank_views, measure_bytes_per_view(model, image_size, device, amp_dtype), free_bytes)
 
+
+def choose_chunk_size(configured: int, model: nn.Module, per_rank_views: int, image_size: int,
+                      device: torch.device, amp_dtype: torch.dtype | None) -> int:
+    """The chunk size every rank uses: the smallest of the ranks' own choices. Ranks that chose differently
+    would run different numbers of chunks, hence of BatchNorm collectives, and hang."""
+    chunk = local_chunk_size(configured, model, per_rank_views, image_size, device, amp_dtype)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return chunk
+    agreed = torch.tensor([chunk], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return int(agreed.item())  # host sync: once, before the first step

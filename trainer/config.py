@@ -210,6 +210,10 @@ class Config:
             raise ConfigError(f"cached_chunk_size={self.cached_chunk_size}: must be >= 0 (0: automatic)")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device={self.device!r}: choose auto, cuda or cpu")
+        if self.compile and self.step_mode == "checkpoint":  # dynamo cannot trace checkpoint's context_fn
+            raise ConfigError("compile=true with step_mode=checkpoint: torch.compile cannot trace activation "
+                              "checkpointing's BatchNorm-freezing context; use step_mode=cached (the large-batch "
+                              "mode that compiles) or compile=false")
 
     # ------------------------------------------------------------------------- checks needing the world
     def validate(self, world_size: int) -> None:
@@ -227,10 +231,16 @@ class Config:
                                   f"loader={self.dataset.loader} needs a data directory or .beton file")
             if not Path(self.dataset.path).exists():
                 raise ConfigError(f"dataset.path={self.dataset.path}: no such file or directory")
-        if self.device == "cuda":
-            import torch
-            if not torch.cuda.is_available():
-                raise ConfigError("device=cuda but CUDA is not available: use device=auto or device=cpu")
+        import torch
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device=cuda but CUDA is not available: use device=auto or device=cpu")
+        on_cpu = self.device == "cpu" or not torch.cuda.is_available()
+        if self.model.sync_bn and self.model.sync_bn_impl == "torch" and world_size > 1 and on_cpu:
+            raise ConfigError("model.sync_bn_impl=torch on the CPU: PyTorch's SyncBatchNorm has no CPU kernel; "
+                              "use model.sync_bn_impl=global (the default) or model.sync_bn=false")
+        if self.model.sync_bn_group_size > 1 and world_size % self.model.sync_bn_group_size:
+            raise ConfigError(f"model.sync_bn_group_size={self.model.sync_bn_group_size} does not divide the world "
+                              f"size {world_size}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

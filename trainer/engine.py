@@ -1,7 +1,6 @@
 """The SimCLR training run: build data, model, loss, optimizer and schedule, resume, loop, checkpoint, evaluate."""
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from trainer.inputs import build_pretrain_data
 from trainer.loss import NTXentLoss
 from trainer.metrics import IntervalTimer, RunLogger
 from trainer.cached_step import cached_train_step, choose_chunk_size
-from trainer.model import build_model, enable_activation_checkpointing, new_sync_batchnorm_group
+from trainer.model import build_model, enable_activation_checkpointing, synchronize_batchnorm
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch
 from trainer.step import resolve_amp, train_step
@@ -55,35 +54,56 @@ def build_network(cfg: Config, ctx: DistContext, log: RunLogger) -> tuple[nn.Mod
             log.warn(f"{err}; training the backbone from scratch")
     if cfg.step_mode == "checkpoint":
         enable_activation_checkpointing(model.backbone)
-    cuda = ctx.device.type == "cuda"
-    if cuda and cfg.model.sync_bn and ctx.world_size > 1:
-        group = new_sync_batchnorm_group(ctx.world_size, ctx.rank, cfg.model.sync_bn_group_size)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
-    elif cfg.model.sync_bn and ctx.world_size > 1:
-        log.info("SyncBatchNorm needs CUDA: on CPU each rank normalizes with its own batch statistics")
+    synced = cfg.model.sync_bn and ctx.world_size > 1
+    if synced:
+        model = synchronize_batchnorm(model, cfg.model.sync_bn_impl, ctx.world_size, ctx.rank,
+                                      cfg.model.sync_bn_group_size)
     model.to(ctx.device)
-    if cuda and cfg.model.channels_last:
+    if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
-    ddp = DDP(model, device_ids=[ctx.device.index] if cuda else None)
+    cuda = ctx.device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick cuDNN's fastest kernels once
+    every_bn_global = synced and cfg.model.sync_bn_group_size in (0, ctx.world_size)
+    ddp = DDP(model, device_ids=[ctx.device.index] if cuda else None,
+              gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
+              # the cached step runs several forwards per step under no_sync, which a static graph forbids
+              static_graph=cfg.step_mode != "cached",
+              # BN buffers are identical on every rank when every layer reduces over all ranks: nothing to send
+              # before each forward (the initial sync still makes every rank start from rank 0's)
+              forward_sync_buffers=not every_bn_global)
     return model, (torch.compile(ddp) if cfg.compile else ddp)
 
 
-def training_state(model, optimizer, scaler, progress: Progress, cfg: Config, world_size: int) -> dict:
+def random_init_backbone(cfg: Config, device: torch.device) -> nn.Module:
+    """The backbone as the seeded initialization made it (the final probe's random-init reference), rebuilt
+    without touching the RNG state the run continues with. Rebuilt rather than copied: a copy of the training
+    model would carry its BatchNorm layers' process group, which cannot be copied."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg.model).backbone.to(device)
+
+
+def training_state(model, optimizer, scaler, progress: Progress, cfg: Config, world_size: int,
+                   device: torch.device) -> dict:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "step": progress.step, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
              "rng_cpu": torch.get_rng_state(), "world_size": world_size, "config": cfg.to_dict()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # this rank's device only: a restart may see fewer devices (CUDA_VISIBLE_DEVICES)
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore(state: dict, model, optimizer, scaler) -> Progress:
+def restore(state: dict, model, optimizer, scaler, device: torch.device) -> Progress:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
-    if "rng_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    cuda_state = state.get("rng_cuda")
+    if isinstance(cuda_state, (list, tuple)):  # older checkpoints held every visible device's state
+        cuda_state = cuda_state[device.index] if device.type == "cuda" and device.index < len(cuda_state) else None
+    if cuda_state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
     return Progress(state["step"], state["epoch"], state["step_in_epoch"])
 
 
@@ -163,7 +183,6 @@ def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
     warmup_steps = min(total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch))
     # ---------------------------------------------------------------- model, loss, optimizer
     model, train_model = build_network(cfg, ctx, log)
-    initial_backbone = copy.deepcopy(model.backbone) if cfg.eval.final_probe and data.labeled else None
     loss_fn = NTXentLoss(cfg.loss.temperature, cfg.loss.use_cosine_similarity)
     peak_lr = cfg.optim.peak_lr(cfg.batch_size)
     optimizer = build_optimizer(model, cfg.optim, peak_lr)
@@ -178,19 +197,16 @@ def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
         if state.get("world_size") != ctx.world_size:
             log.warn(f"resuming a run of world size {state.get('world_size')} on {ctx.world_size} ranks: "
                      "the data order from here on differs from an uninterrupted run")
-        progress = restore(state, model, optimizer, scaler)
+        progress = restore(state, model, optimizer, scaler, ctx.device)
         log.resumed(progress.step)
         log.info(f"resumed from {path} at step {progress.step} (epoch {progress.epoch})")
-        if initial_backbone is not None:  # the random-init reference is the seeded init, rebuilt
-            torch.manual_seed(cfg.seed)
-            initial_backbone = build_model(cfg.model).backbone.to(ctx.device)
     del state
     step_fn = train_step
-    if cfg.step_mode == "cached":
-        chunk = choose_chunk_size(cfg.cached_chunk_size, train_model, 2 * cfg.batch_size // ctx.world_size,
+    if cfg.step_mode == "cached":  # the same chunk size on every rank (the smallest any rank can afford)
+        chunk = choose_chunk_size(cfg.cached_chunk_size, model, 2 * cfg.batch_size // ctx.world_size,
                                   cfg.dataset.image_size, ctx.device, amp_dtype)
         step_fn = functools.partial(cached_train_step, chunk_size=chunk)
-        log.info(f"step_mode=cached: {chunk} views per chunk")
+        log.info(f"step_mode=cached: {chunk} views per chunk on every rank")
     log.info(f"world size {ctx.world_size} ({ctx.backend}), device {ctx.device}, global batch {cfg.batch_size} "
              f"({cfg.batch_size // ctx.world_size}/rank), {steps_per_epoch} steps/epoch, {stop_step} steps, "
              f"peak lr {peak_lr:.4g}, amp {amp_dtype}")
@@ -205,8 +221,9 @@ def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))  # host sync: once, at the end
     print(f"[rank {ctx.rank}] step {progress.step}: parameter checksum {checksum:.12e}", flush=True)
     results = {"step": progress.step, "checksum": checksum}
-    if initial_backbone is not None:
+    if cfg.eval.final_probe and data.labeled is not None:
         from trainer.monitor import probe_rows
+        initial_backbone = random_init_backbone(cfg, ctx.device)
         results.update(probe_rows(model.backbone, initial_backbone, data.labeled, ctx.device,
                                   cfg.eval.knn_k, cfg.eval.knn_temperature, cfg.seed))
         if ctx.is_main:
@@ -225,7 +242,7 @@ def _loop(cfg, ctx, log, data, model, train_model, step_fn, loss_fn, optimizer, 
     aug_gen = torch.Generator(device=device)
     train_model.train()
     while progress.step < stop_step:
-        epoch_start = time.perf_counter()
+        epoch_start, epoch_first_step = time.perf_counter(), progress.step
         batches = data.train.batches(progress.epoch, progress.step_in_epoch)
         while progress.step < stop_step and progress.step_in_epoch < steps_per_epoch:
             wait_start = time.perf_counter()
@@ -234,7 +251,7 @@ def _loop(cfg, ctx, log, data, model, train_model, step_fn, loss_fn, optimizer, 
             aug_gen.manual_seed(hash((cfg.seed, ctx.rank, progress.step)) & 0x7FFF_FFFF_FFFF)
             x1 = data.augment(v1.to(device, non_blocking=True), generator=aug_gen)
             x2 = data.augment(v2.to(device, non_blocking=True), generator=aug_gen)
-            if device.type == "cuda" and cfg.model.channels_last:
+            if cfg.model.channels_last:
                 x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
             lr = lr_at(progress.step, total_steps, warmup_steps, peak_lr, cfg.optim.final_lr)
             set_lr(optimizer, lr)
@@ -262,7 +279,7 @@ def _loop(cfg, ctx, log, data, model, train_model, step_fn, loss_fn, optimizer, 
                 _check_finite(sums, first_bad_step)  # never overwrite a checkpoint with diverged weights
                 _check_finite_parameters(model, progress.step)
                 if ctx.is_main:
-                    checkpoint.save(training_state(model, optimizer, scaler, progress, cfg, ctx.world_size),
+                    checkpoint.save(training_state(model, optimizer, scaler, progress, cfg, ctx.world_size, device),
                                     cfg.output_dir, progress.step, cfg.keep_checkpoints)
             if stop_now:
                 log.info(f"{watch.signal_name or 'stop signal'} received: checkpoint at step {progress.step} "
@@ -270,7 +287,9 @@ def _loop(cfg, ctx, log, data, model, train_model, step_fn, loss_fn, optimizer, 
                 torch.distributed.barrier()
                 raise Preempted()
             if epoch_done:
-                _end_of_epoch(cfg, ctx, log, data, model, loss_fn, amp_dtype, progress, epoch_start)
+                rate = _Rate(progress.step - epoch_first_step, time.perf_counter() - epoch_start,
+                             stop_step - progress.step, cfg.batch_size)
+                _end_of_epoch(cfg, ctx, log, data, model, loss_fn, amp_dtype, progress, rate)
                 break
 
 
@@ -307,8 +326,25 @@ def _log_interval(cfg, ctx, log, progress, sums, first_bad_step, timer, lr, step
         f"data {scalars['data_wait_frac']:.0%}"))
 
 
-def _end_of_epoch(cfg, ctx, log, data, model, loss_fn, amp_dtype, progress, epoch_start) -> None:
-    scalars = {"epoch_time_s": time.perf_counter() - epoch_start}
+@dataclass(frozen=True)
+class _Rate:
+    """An epoch's training pace (its evaluation excluded) and the steps the run has left."""
+
+    steps: int
+    seconds: float
+    steps_left: int
+    global_batch_size: int
+
+    def eta(self) -> str:
+        """e.g. '2 min 05 s left (1.52 steps/s, 389 img/s)'."""
+        steps_per_s = self.steps / max(self.seconds, 1e-9)
+        left_s = round(self.steps_left / steps_per_s) if steps_per_s > 0 else 0
+        return (f"{left_s // 60} min {left_s % 60:02d} s of training left ({steps_per_s:.2f} steps/s, "
+                f"{steps_per_s * self.global_batch_size:.0f} img/s)")
+
+
+def _end_of_epoch(cfg, ctx, log, data, model, loss_fn, amp_dtype, progress, rate: _Rate) -> None:
+    scalars = {"epoch_time_s": rate.seconds}
     if progress.epoch % cfg.eval_every_n_epochs == 0:
         from trainer.monitor import backbone_knn, validation_loss
         if data.valid is not None:
@@ -317,8 +353,9 @@ def _end_of_epoch(cfg, ctx, log, data, model, loss_fn, amp_dtype, progress, epoc
         if cfg.eval.knn_monitor and data.labeled is not None:
             scalars["knn_top1"] = backbone_knn(model.backbone, data.labeled, ctx.device, cfg.eval.knn_k,
                                                cfg.eval.knn_temperature)["top1"]
+    eta = f"  ({rate.eta()})" if rate.steps_left > 0 else ""
     log.log(progress.step, scalars, kind="epoch", console=f"epoch {progress.epoch} done: " + "  ".join(
-        f"{k} {v:.4f}" for k, v in scalars.items()))
+        f"{k} {v:.4f}" for k, v in scalars.items()) + eta)
     log.flush()
 
 

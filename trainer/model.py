@@ -110,11 +110,25 @@ def sync_batchnorm_groups(world_size: int, group_size: int) -> list[list[int]]:
 
 
 def new_sync_batchnorm_group(world_size: int, rank: int, group_size: int):
-    """The process group this rank's SyncBatchNorm layers reduce over; every rank creates every group
-    (torch.distributed requires it), in the same order."""
+    """The process group this rank's BatchNorm layers reduce over: None (the default group, no new
+    communicator) when one group holds every rank; otherwise every rank creates every group (torch.distributed
+    requires it), in the same order, and gets its own."""
     import torch.distributed as dist
 
     groups = sync_batchnorm_groups(world_size, group_size)
+    if len(groups) == 1:
+        return None
     handles = [dist.new_group(ranks) for ranks in groups]
     return next(h for h, ranks in zip(handles, groups) if rank in ranks)
 
+
+def synchronize_batchnorm(model: nn.Module, impl: str, world_size: int, rank: int, group_size: int) -> nn.Module:
+    """Every BatchNorm layer normalizes with the statistics of its group's whole batch (SimCLR's global BN).
+
+    impl "global": trainer.global_bn (pure torch collectives: CPU and CUDA, no host syncs, compile-friendly);
+    "torch": nn.SyncBatchNorm (CUDA only; a device-to-host sync per layer per forward)."""
+    group = new_sync_batchnorm_group(world_size, rank, group_size)
+    if impl == "global":
+        from trainer.global_bn import convert_global_batchnorm
+        return convert_global_batchnorm(model, group)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)

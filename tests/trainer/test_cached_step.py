@@ -4,7 +4,8 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer.cached_step import auto_chunk_size, cached_train_step
+from trainer import cached_step
+from trainer.cached_step import auto_chunk_size, cached_train_step, choose_chunk_size, probe_step
 from trainer.loss import NTXentLoss
 from trainer.step import train_step
 
@@ -79,7 +80,6 @@ def test_batchnorm_running_stats_advance_once_per_sample():
         torch.testing.assert_close(getattr(cached[2], name), getattr(direct[2], name))
 
 
-
 @pytest.mark.parametrize("chunk_size", [5, 12])
 def test_batchnorm_running_stats_advance_once_per_step_from_the_chunks(chunk_size):
     """Chunks: one momentum update per step with the size-weighted mean of the chunks' batch statistics (the
@@ -125,3 +125,32 @@ def test_cached_running_mean_equals_direct_on_every_ddp_rank(distributed_run):
     for out in distributed_run(_rank_bn_buffers, 2):
         torch.testing.assert_close(out["cached"][0], out["direct"][0])
         assert out["cached"][1] == out["direct"][1] == 2
+
+
+def test_memory_probe_leaves_no_trace():
+    """The chunk-size probe (a training forward + backward on random views) runs after a resume: BN running
+    statistics, their counters, the RNG stream and the gradients must be as they were, or resume is not exact."""
+    model = bn_model()
+    with torch.no_grad():
+        model[2].running_mean.uniform_()
+        model[2].num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(11)
+    rng = torch.get_rng_state()
+    probe_step(model, views=6, image_size=4, device=torch.device("cpu"), amp_dtype=None)  # flattens 3x4x4 views
+    assert torch.equal(torch.get_rng_state(), rng)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+
+
+def _agreed_chunk(rank, world_size):
+    # rank r can afford 64 >> r views per chunk (as if each had its own free memory)
+    cached_step.local_chunk_size = lambda *args: 64 >> rank
+    return choose_chunk_size(0, None, 256, 32, torch.device("cpu"), None)
+
+
+def test_ranks_agree_on_the_smallest_chunk_size(distributed_run):
+    """Different chunk counts per rank would mean different numbers of BN collectives: a hang."""
+    assert distributed_run(_agreed_chunk, 2) == [32, 32]

@@ -48,10 +48,28 @@ def test_override_precedence_over_file(tmp_path):
     (["batch_size"], "batch_size"),
     (["dataset.flip_prob=1.5"], "dataset.flip_prob"),
     (["dataset.crop_min_scale=0"], "dataset.crop_min_scale"),
+    (["model.sync_bn_impl=apex"], "model.sync_bn_impl"),
 ])
 def test_bad_values_name_the_key(overrides, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("(", r"\(")):
         load_config(None, overrides)
+
+
+def test_compile_with_activation_checkpointing_is_refused_naming_both_keys():
+    # torch.compile cannot trace the checkpoint's BN-freezing context_fn: refused before anything starts
+    with pytest.raises(ConfigError, match="compile=true with step_mode=checkpoint"):
+        load_config(None, ["compile=true", "step_mode=checkpoint"])
+    assert load_config(None, ["compile=true", "step_mode=cached"]).compile
+
+
+def test_pytorch_sync_batchnorm_on_cpu_is_refused(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(None, ["model.sync_bn_impl=torch"])
+    cfg.validate(world_size=1)  # one rank: nothing to synchronize
+    with pytest.raises(ConfigError, match="model.sync_bn_impl=torch.*no CPU kernel"):
+        cfg.validate(world_size=2)
+    load_config(None, ["model.sync_bn_impl=global"]).validate(world_size=2)
 
 
 def test_batch_not_divisible_by_world_size():

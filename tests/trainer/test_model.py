@@ -69,6 +69,20 @@ def _group_sums(rank, world_size, group_size):
     return value.item()
 
 
+def test_one_bn_group_is_the_default_group(monkeypatch):
+    """Groups covering every rank reduce over the default group: no second communicator duplicating WORLD."""
+    import torch.distributed as dist
+
+    from trainer.model import new_sync_batchnorm_group
+
+    made = []
+    monkeypatch.setattr(dist, "new_group", lambda ranks: made.append(ranks) or object())
+    assert new_sync_batchnorm_group(8, 3, 0) is None and new_sync_batchnorm_group(8, 3, 8) is None
+    assert made == []
+    new_sync_batchnorm_group(8, 3, 4)
+    assert made == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
 def test_sync_bn_groups_reduce_within_k_ranks(distributed_run):
     assert distributed_run(_group_sums, 4, 2) == [1.0, 1.0, 5.0, 5.0]  # {0,1} and {2,3}
     assert distributed_run(_group_sums, 4, 0) == [6.0] * 4  # the whole world

@@ -1,0 +1,163 @@
+"""The run's builders: the network as DDP wraps it (N ranks = one process), the random-init reference, and the
+checkpointed RNG state of this rank's device."""
+import pytest
+import torch
+import torch.nn as nn
+
+from trainer import engine
+from trainer.config import load_config
+from trainer.distributed import DistContext
+from trainer.loss import NTXentLoss
+from trainer.model import build_model
+from trainer.optim import build_optimizer
+from trainer.step import train_step
+
+TINY = ["model.small_stem=true", "model.out_dim=16", "model.base_model=resnet18", "batch_size=8", "amp=off",
+        "dataset.name=synthetic", "dataset.input_shape=(8,8,3)", "optim.weight_decay=1e-4"]
+
+
+class _Quiet:
+    def info(self, *_):
+        pass
+
+    warn = info
+
+
+def test_random_init_backbone_is_the_seeded_init_and_leaves_the_rng_alone():
+    cfg = load_config(None, [*TINY, "seed=3"])
+    torch.manual_seed(3)
+    seeded = build_model(cfg.model).backbone.state_dict()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    rebuilt = engine.random_init_backbone(cfg, torch.device("cpu")).state_dict()
+    assert torch.equal(torch.get_rng_state(), before)  # the run continues with its own stream
+    assert rebuilt.keys() == seeded.keys()
+    for key in seeded:
+        assert torch.equal(rebuilt[key], seeded[key]), key
+
+
+def _views(step: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randn(n, 3, 8, 8, generator=g)
+
+
+def _train(rank: int, world_size: int, overrides: list[str], steps: int = 3) -> dict:
+    """build_network + LARS + train_step on this rank's slice of a fixed global batch; returns the weights."""
+    cfg = load_config(None, [*TINY, *overrides])
+    ctx = DistContext(rank, rank, world_size, torch.device("cpu"), "gloo")
+    model, train_model = engine.build_network(cfg, ctx, _Quiet())
+    optimizer = build_optimizer(model, cfg.optim, 0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    n = cfg.batch_size // world_size
+    for step in range(steps):
+        x1, x2 = _views(step, cfg.batch_size)
+        train_step(train_model, NTXentLoss(0.2), optimizer, scaler, x1[rank * n:(rank + 1) * n],
+                   x2[rank * n:(rank + 1) * n], amp_dtype=None)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state["_ddp"] = {"gradient_as_bucket_view": train_model.gradient_as_bucket_view,
+                     "static_graph": train_model.static_graph,
+                     "global_bn": sum(type(m).__name__ == "GlobalBatchNorm" for m in model.modules()),
+                     "plain_bn": sum(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in model.modules())}
+    return state
+
+
+def _single(rank, world_size, overrides):
+    return _train(0, 1, overrides)
+
+
+@pytest.mark.parametrize("step_mode", ["direct", "checkpoint"])
+def test_ddp_with_global_bn_on_two_ranks_equals_one_process(distributed_run, step_mode):
+    """What the engine builds (global BN, gradient buckets as views, static graph, no buffer broadcast) on 2
+    ranks gives the parameters and BN statistics of one process with plain BN on the concatenated batch."""
+    overrides = [f"step_mode={step_mode}"]
+    one = distributed_run(_single, 1, overrides)[0]
+    two = distributed_run(_train, 2, overrides)
+    info = two[0].pop("_ddp")
+    assert info == {"gradient_as_bucket_view": True, "static_graph": True, "global_bn": info["global_bn"],
+                    "plain_bn": 0} and info["global_bn"] > 0
+    assert one.pop("_ddp")["plain_bn"] == info["global_bn"]
+    two[1].pop("_ddp")
+    for key, expected in one.items():
+        if key.endswith("num_batches_tracked"):
+            assert torch.equal(two[0][key], expected), key
+            continue
+        torch.testing.assert_close(two[0][key], expected, atol=2e-5, rtol=1e-4, msg=key)
+        assert torch.equal(two[0][key], two[1][key]), key  # the ranks agree without a buffer broadcast
+
+
+def _cached_ddp(rank, world_size):
+    cfg = load_config(None, [*TINY, "step_mode=cached"])
+    ctx = DistContext(rank, rank, world_size, torch.device("cpu"), "gloo")
+    _, train_model = engine.build_network(cfg, ctx, _Quiet())
+    return train_model.static_graph
+
+
+def test_cached_step_mode_builds_ddp_without_a_static_graph(distributed_run):
+    # several forwards per step under no_sync are not a static graph: DDP would raise on the second chunk
+    assert distributed_run(_cached_ddp, 2) == [False, False]
+
+
+class _FakeCuda:
+    """Stands in for torch.cuda on a machine with `visible` devices; records what was read and set."""
+
+    def __init__(self, visible: int):
+        self.visible, self.set_calls = visible, []
+
+    def get_rng_state(self, device):
+        return torch.tensor([10 + device.index], dtype=torch.uint8)
+
+    def set_rng_state(self, state, device):
+        if device.index >= self.visible:
+            raise IndexError(f"device {device.index} of {self.visible}")
+        self.set_calls.append((int(state[0]), device.index))
+
+    def get_rng_state_all(self):
+        return [torch.tensor([10 + i], dtype=torch.uint8) for i in range(self.visible)]
+
+    def set_rng_state_all(self, states):
+        for i, state in enumerate(states):
+            self.set_rng_state(state, torch.device("cuda", i))
+
+
+def test_cuda_rng_state_is_this_ranks_device_only(monkeypatch):
+    """Saved on a node with 8 visible devices by local rank 3, restored where the scheduler shows one device
+    (CUDA_VISIBLE_DEVICES per task): only that device's state travels, and it goes to the restarted rank's device."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cfg = load_config(None, TINY)
+    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda(8), name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    state = engine.training_state(model, optimizer, scaler, engine.Progress(5, 1, 2), cfg, 8, torch.device("cuda", 3))
+    assert torch.equal(state["rng_cuda"], torch.tensor([13], dtype=torch.uint8))
+    after_restart = _FakeCuda(1)
+    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, getattr(after_restart, name))
+    progress = engine.restore(state, model, optimizer, scaler, torch.device("cuda", 0))
+    assert after_restart.set_calls == [(13, 0)]
+    assert (progress.step, progress.epoch, progress.step_in_epoch) == (5, 1, 2)
+    # a checkpoint written before this fix holds every device's state: this rank's is taken, others ignored
+    state["rng_cuda"] = _FakeCuda(8).get_rng_state_all()
+    engine.restore(state, model, optimizer, scaler, torch.device("cuda", 0))
+    assert after_restart.set_calls[-1] == (10, 0)
+
+
+def _run_with_probe(rank, world_size, output_dir):
+    cfg = load_config(None, [*TINY, f"output_dir={output_dir}", "dataset.synthetic_size=64", "epochs=1",
+                             "max_steps=2", "log_every_n_steps=1", "model.sync_bn_group_size=1",
+                             "eval.final_probe=true", "eval.knn_monitor=false", "eval.knn_k=5"])
+    ctx = DistContext(rank, rank, world_size, torch.device("cpu"), "gloo")
+    results = engine.run(cfg, ctx)
+    return {k: v for k, v in results.items() if k in ("simclr", "random_init", "step")}
+
+
+@pytest.mark.slow
+def test_final_probe_with_batchnorm_in_process_groups(distributed_run, tmp_path):
+    """BN layers that hold a process group (groups of sync_bn_group_size ranks) cannot be deep-copied: the
+    random-init reference of the final probe is rebuilt from the seed, so such a run reaches its table."""
+    results = distributed_run(_run_with_probe, 2, str(tmp_path / "run"))
+    assert results[0]["step"] == 2
+    for row in ("simclr", "random_init"):
+        assert 0.0 <= results[0][row]["knn_top1"] <= 1.0 and results[0][row] == results[1][row]
