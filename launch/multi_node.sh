@@ -17,11 +17,21 @@
 #   RDZV_ID             id shared by the nodes of one job (default simclr); use a new one per job when
 #                       several jobs share a rendezvous host and port
 #   RDZV_JOIN_TIMEOUT_S seconds the first node waits for all the others to join (default 600)
+#   NODE_LOST_TIMEOUT_S seconds the nodes wait, after the workers stopped (a crash, a lost node), for every node of
+#                       the last round to rejoin; then the job ends naming the missing node (default 60)
+#   SOCKET_IFNAME       the network interface that connects the nodes (sets GLOO_SOCKET_IFNAME and
+#                       NCCL_SOCKET_IFNAME): needed where the host name resolves to a loopback address (Debian's
+#                       127.0.1.1), e.g. SOCKET_IFNAME=eth0
+#   LOCAL_ADDR          this node's address as the other nodes reach it (torchrun --local-addr); set it where the
+#                       host name does not resolve to that address. On the rendezvous node an address equal to
+#                       MASTER_ADDR (or MASTER_ADDR given as one of this node's addresses) makes it host the
+#                       rendezvous even when its host name resolves elsewhere
 #   MAX_RESTARTS        restarts of the worker group after a failure; each resumes from the newest checkpoint
 #                       (default 3)
 #   SHUTDOWN_TIMEOUT_S  seconds torchrun gives the workers to checkpoint after SIGTERM/SIGUSR1 (default 120)
 #   OMP_NUM_THREADS     CPU threads per process (default 1)
-#   TORCHRUN            the torchrun to run (default: the repo's .venv/bin/torchrun, else torchrun on PATH)
+#   PYTHON              the Python that runs torchrun (default: the repo's .venv/bin/python, else python3)
+#   TORCHRUN            a torchrun to run instead, as it is (without the NODE_LOST_TIMEOUT_S bound)
 set -euo pipefail
 
 repo_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -50,20 +60,30 @@ fi
 gpus=$(gpu_count)
 nproc_per_node="${NPROC:-$((gpus > 0 ? gpus : 1))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-torchrun_bin=$(find_torchrun)
-node_rank_args=()
+agent_command || exit 2
+export_socket_ifname
+extra_args=()
 if [ -n "${NODE_RANK:-}" ]; then
-  node_rank_args=(--node-rank="$NODE_RANK")
+  extra_args+=(--node-rank="$NODE_RANK")
+fi
+if [ -n "${LOCAL_ADDR:-}" ]; then
+  extra_args+=(--local-addr="$LOCAL_ADDR")
+fi
+rdzv_conf="join_timeout=${RDZV_JOIN_TIMEOUT_S:-600}"
+# torchrun decides whether this node hosts the rendezvous by resolving its host name: with MASTER_ADDR an IP and
+# the host name on 127.0.1.1 no node would host it (RendezvousConnectionError). Say so explicitly.
+if [ "${LOCAL_ADDR:-}" = "$MASTER_ADDR" ] || is_local_address "$MASTER_ADDR"; then
+  rdzv_conf+=",is_host=true"
 fi
 
-exec "$torchrun_bin" \
+exec "${agent_cmd[@]}" \
   --nnodes="$NNODES" \
-  ${node_rank_args[@]+"${node_rank_args[@]}"} \
+  ${extra_args[@]+"${extra_args[@]}"} \
   --nproc_per_node="$nproc_per_node" \
   --rdzv-backend=c10d \
   --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT:-29500}" \
   --rdzv-id="${RDZV_ID:-simclr}" \
-  --rdzv-conf="join_timeout=${RDZV_JOIN_TIMEOUT_S:-600}" \
+  --rdzv-conf="$rdzv_conf" \
   --max-restarts="${MAX_RESTARTS:-3}" \
   --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
   --shutdown-timeout="${SHUTDOWN_TIMEOUT_S:-120}" \

@@ -142,6 +142,19 @@ def test_multi_node_passes_rendezvous(fakes):
     assert line.endswith("-m trainer.main --config c.yaml epochs=1")
 
 
+def test_multi_node_local_addr_and_rendezvous_host(fakes):
+    env, log, _ = fakes
+    env = {**env, "MASTER_ADDR": "10.0.0.1", "NNODES": "2"}
+    assert run("multi_node.sh", ["--config", "c.yaml"], {**env, "LOCAL_ADDR": "10.0.0.1"}).returncode == 0
+    assert run("multi_node.sh", ["--config", "c.yaml"], {**env, "LOCAL_ADDR": "10.0.0.2"}).returncode == 0
+    assert run("multi_node.sh", ["--config", "c.yaml"], {**env, "MASTER_ADDR": "127.0.0.1"}).returncode == 0
+    host, other, loopback = calls(log, "torchrun")
+    assert "--local-addr=10.0.0.1" in host.split() and "--rdzv-conf=join_timeout=600,is_host=true" in host.split()
+    assert "--local-addr=10.0.0.2" in other.split() and "--rdzv-conf=join_timeout=600" in other.split()
+    if shutil.which("ip"):  # 127.0.0.1 is an address of this host's lo
+        assert "--rdzv-conf=join_timeout=600,is_host=true" in loopback.split()
+
+
 def test_multi_node_rejects_bad_nnodes(fakes):
     env, log, _ = fakes
     proc = run("multi_node.sh", ["--config", "c.yaml"], {**env, "MASTER_ADDR": "h", "NNODES": "two"})
@@ -164,8 +177,39 @@ def test_slurm_runs_one_torchrun_per_node(fakes):
                  "--rdzv-backend=c10d", "--rdzv-endpoint=node01:16234", "--rdzv-id=1234",
                  "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"):
         assert part in line.split()
-    assert line.endswith("-m trainer.main --config c.yaml epochs=1")
+    # 32 CPUs for 4 processes: 7 loader workers each (one CPU left for the process itself)
+    assert line.endswith("-m trainer.main dataset.num_workers=7 --config c.yaml epochs=1")
     assert not [c for c in calls(log, "scontrol") if "requeue" in c]
+
+
+@pytest.mark.parametrize("cpus, workers, extra", [("2", "1", {}), ("64", "15", {}), ("8", "3", {"LOADER_WORKERS": "3"}),
+                                                  ("8", None, {"LOADER_WORKERS": ""})])
+def test_slurm_sizes_loader_workers_from_its_cpus(fakes, cpus, workers, extra):
+    env, log, _ = fakes
+    proc = run("slurm.sbatch", ["--config", "c.yaml"], slurm_env(env, SLURM_CPUS_PER_TASK=cpus, **extra))
+    assert proc.returncode == 0, proc.stderr
+    [line] = calls(log, "srun")
+    found = [part for part in line.split() if part.startswith("dataset.num_workers=")]
+    assert found == ([f"dataset.num_workers={workers}"] if workers else [])
+
+
+def test_slurm_and_multi_node_run_torchrun_with_the_lost_node_bound(fakes):
+    env, log, bin_dir = fakes
+    del env["TORCHRUN"]
+    python = bin_dir / "python"  # records its arguments and the interface variables it was given
+    python.write_text(RECORDER.replace('$*"', '$* GLOO=$GLOO_SOCKET_IFNAME NCCL=$NCCL_SOCKET_IFNAME"'))
+    python.chmod(0o755)
+    env = {**env, "PYTHON": str(python), "NODE_LOST_TIMEOUT_S": "45", "SOCKET_IFNAME": "eth7"}
+    assert run("slurm.sbatch", ["--config", "c.yaml"], slurm_env(env)).returncode == 0
+    assert run("multi_node.sh", ["--config", "c.yaml"], {**env, "MASTER_ADDR": "10.0.0.1", "NNODES": "2"}).returncode == 0
+    [srun] = calls(log, "srun")
+    assert f" {python} -m trainer.distributed --rejoin-timeout=45 --nnodes=2 " in srun
+    [node] = calls(log, "python")
+    assert node.startswith("python -m trainer.distributed --rejoin-timeout=45 --nnodes=2 ")
+    assert node.endswith("GLOO=eth7 NCCL=eth7")
+    bad = run("multi_node.sh", ["--config", "c.yaml"], {**env, "MASTER_ADDR": "h", "NNODES": "2",
+                                                     "NODE_LOST_TIMEOUT_S": "soon"})
+    assert bad.returncode == 2 and "NODE_LOST_TIMEOUT_S='soon'" in bad.stderr
 
 
 @pytest.mark.parametrize("code, requeued", [(143, True), (1, False)])
