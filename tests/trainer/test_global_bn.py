@@ -1,0 +1,182 @@
+"""GlobalBatchNorm on gloo ranks equals nn.BatchNorm on the concatenated batch in one process: outputs, input and
+parameter gradients, running statistics (any momentum), groups of ranks, eval mode; conversion of a ResNet; DDP +
+LARS steps of the SimCLR model equal to one process."""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer.config import ModelConfig
+from trainer.global_bn import GlobalBatchNorm, _GlobalBatchNormFunction, convert_global_batchnorm
+from trainer.loss import NTXentLoss
+from trainer.model import build_model
+from trainer.optim import LARS, param_groups
+from trainer.step import train_step
+
+C = 4
+STEPS = 3  # training forwards before the running statistics are compared
+BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+def spec(dims=4, sizes=(8, 8), group_size=0, momenta=(0.1,) * STEPS, channels_last=False, dtype=None):
+    """One experiment: input rank `dims`, per-rank batch sizes (their count is the world size), ranks per BN group
+    (0: all), momentum before each training forward, memory format, autocast dtype."""
+    return dict(dims=dims, sizes=tuple(sizes), group_size=group_size, momenta=tuple(momenta),
+                channels_last=channels_last, dtype=dtype)
+
+
+def full_batch(s: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The concatenated batch of every rank for this step (same in every process) and a fixed tensor r: the loss
+    is sum(y * r), a SUM over samples, so rank r's input gradient is a slice of the single-process one."""
+    g = torch.Generator().manual_seed(100 + step)
+    shape = (sum(s["sizes"]), C) + (5,) * (s["dims"] - 2)
+    offset = torch.arange(C, dtype=torch.float32).view((1, C) + (1,) * (s["dims"] - 2))
+    x = torch.randn(shape, generator=g) * (1 + offset) + 2 * offset - 1  # per-channel means and scales differ
+    r = torch.randn(shape, generator=g)
+    if s["dtype"] is not None:  # values the low-precision activation and its gradient hold exactly
+        x, r = x.to(s["dtype"]).float(), r.to(s["dtype"]).float()
+    return x, r
+
+
+def init_layer(layer: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        layer.weight.copy_(1 + 0.3 * torch.randn(C, generator=g))
+        layer.bias.copy_(0.3 * torch.randn(C, generator=g))
+    return layer
+
+
+def run_steps(layer: nn.Module, s: dict, rows: slice, dtype=None) -> dict:
+    """STEPS training forwards + backwards on rows of each step's full batch, then one eval forward."""
+    out = {"y": [], "grad_x": [], "grad_w": [], "grad_b": []}
+    memory_format = torch.channels_last if s["channels_last"] else torch.contiguous_format
+    for step in range(STEPS):
+        x_full, r_full = full_batch(s, step)
+        x = x_full[rows].to(dtype or torch.float32).contiguous(memory_format=memory_format).requires_grad_()
+        layer.momentum = s["momenta"][step]
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            y = layer(x)
+        (y.float() * r_full[rows]).sum().backward()
+        out["y"].append(y.detach())
+        out["grad_x"].append(x.grad)
+        out["grad_w"].append(layer.weight.grad.clone())
+        out["grad_b"].append(layer.bias.grad.clone())
+        layer.zero_grad()
+    out["running"] = [layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone()]
+    layer.eval()
+    out["y_eval"] = layer(full_batch(s, STEPS)[0][rows].contiguous(memory_format=memory_format))
+    return out
+
+
+def rank_rows(s: dict, rank: int) -> slice:
+    start = sum(s["sizes"][:rank])
+    return slice(start, start + s["sizes"][rank])
+
+
+def group_of(s: dict, rank: int) -> list[int]:
+    world = len(s["sizes"])
+    k = s["group_size"] or world
+    return list(range(rank // k * k, rank // k * k + k))
+
+
+def _rank_global_bn(rank: int, world_size: int, s: dict) -> dict:
+    group = None
+    if s["group_size"]:  # every rank creates every group, in the same order, and keeps its own
+        groups = [dist.new_group(list(range(i, i + s["group_size"]))) for i in range(0, world_size, s["group_size"])]
+        group = groups[rank // s["group_size"]]
+    layer = init_layer(GlobalBatchNorm(C, group=group))
+    out = run_steps(layer, s, rank_rows(s, rank), s["dtype"])
+    out["memory_format_kept"] = [y.is_contiguous(memory_format=torch.channels_last) for y in out["y"]]
+    return out
+
+
+def reference(s: dict, ranks: list[int]) -> dict:
+    """nn.BatchNorm in one process on the concatenation of `ranks`' batches (fp32)."""
+    rows = slice(rank_rows(s, ranks[0]).start, rank_rows(s, ranks[-1]).stop)
+    return run_steps(init_layer(BN[s["dims"]](C)), s, rows)
+
+
+def assert_equal_to_reference(s: dict, results: list[dict], tol: float = 1e-5, low_tol: float = 1e-5):
+    """Each group's ranks against nn.BatchNorm on that group's concatenated batch. low_tol: for tensors in the
+    autocast dtype (outputs and input gradients)."""
+    close = dict(atol=low_tol, rtol=low_tol)
+    for group in {tuple(group_of(s, r)) for r in range(len(results))}:
+        ref = reference(s, list(group))
+        start = rank_rows(s, group[0]).start
+        for rank in group:
+            got, rows = results[rank], rank_rows(s, rank)
+            local = slice(rows.start - start, rows.stop - start)
+            for step in range(STEPS):
+                torch.testing.assert_close(got["y"][step].float(), ref["y"][step][local], **close,
+                                           msg=lambda m: f"rank {rank} step {step} output: {m}")
+                torch.testing.assert_close(got["grad_x"][step].float(), ref["grad_x"][step][local], **close,
+                                           msg=lambda m: f"rank {rank} step {step} input gradient: {m}")
+            for name, value, want in zip(("running_mean", "running_var", "num_batches_tracked"),
+                                         got["running"], ref["running"]):
+                torch.testing.assert_close(value, want, atol=tol, rtol=tol, msg=lambda m: f"rank {rank} {name}: {m}")
+            torch.testing.assert_close(got["y_eval"].float(), ref["y_eval"][local], **close,
+                                       msg=lambda m: f"rank {rank} eval output: {m}")
+        for step in range(STEPS):  # the sum over the group's ranks of their parameter gradients
+            for name in ("grad_w", "grad_b"):
+                summed = sum(results[rank][name][step] for rank in group)
+                torch.testing.assert_close(summed, ref[name][step], atol=tol, rtol=tol,
+                                           msg=lambda m: f"group {group} step {step} {name}: {m}")
+
+
+@pytest.mark.parametrize("s", [
+    pytest.param(spec(), id="2d-2ranks"),
+    pytest.param(spec(sizes=(8,) * 4), id="2d-4ranks"),
+    pytest.param(spec(dims=2), id="1d-NC-2ranks"),
+    pytest.param(spec(dims=3, sizes=(8,) * 4), id="1d-NCL-4ranks"),
+    pytest.param(spec(dims=5, sizes=(3, 3)), id="3d-2ranks"),
+    pytest.param(spec(sizes=(5, 3)), id="unequal-batches"),
+])
+def test_equals_batchnorm_on_concatenated_batch(distributed_run, s):
+    results = distributed_run(_rank_global_bn, len(s["sizes"]), s)
+    assert_equal_to_reference(s, results)
+
+
+def test_per_rank_batchnorm_would_differ():
+    """The comparison above can fail: nn.BatchNorm on one rank's slice is not the concatenated batch's."""
+    s = spec()
+    ref, local = reference(s, [0, 1]), run_steps(init_layer(nn.BatchNorm2d(C)), s, rank_rows(s, 0))
+    assert not torch.allclose(local["y"][0], ref["y"][0][:8], atol=1e-3)
+    assert not torch.allclose(local["running"][1], ref["running"][1], atol=1e-3)
+
+
+def test_groups_of_two_among_four_ranks(distributed_run):
+    s = spec(sizes=(8,) * 4, group_size=2)
+    results = distributed_run(_rank_global_bn, 4, s)
+    assert_equal_to_reference(s, results)
+    everyone = reference(s, [0, 1, 2, 3])  # the all-ranks result is a different one
+    assert not torch.allclose(results[0]["y"][0], everyone["y"][0][:8], atol=1e-3)
+    assert not torch.allclose(results[2]["running"][0], everyone["running"][0], atol=1e-3)
+
+
+@pytest.mark.parametrize("momenta", [(None, None, None), (0.1, 0.0, 1.0), (1.0, 0.5, 0.0)])
+def test_momentum_read_at_every_call(distributed_run, momenta):
+    """None: cumulative average; 0.0: statistics kept; 1.0: exactly this batch's; changed between calls."""
+    s = spec(momenta=momenta)
+    results = distributed_run(_rank_global_bn, 2, s)
+    assert_equal_to_reference(s, results)
+
+
+def test_channels_last_and_bf16_autocast(distributed_run):
+    s = spec(channels_last=True, dtype=torch.bfloat16)
+    results = distributed_run(_rank_global_bn, 2, s)
+    for got in results:
+        assert all(got["memory_format_kept"]), "the output lost the input's channels_last format"
+        assert got["y"][0].dtype == torch.bfloat16 and got["grad_x"][0].dtype == torch.bfloat16
+        assert got["grad_w"][0].dtype == torch.float32 and got["running"][0].dtype == torch.float32
+    # statistics and parameter gradients in fp32 from bf16 values: tight; outputs and input gradients: bf16 rounding
+    assert_equal_to_reference(s, results, tol=1e-5, low_tol=2e-2)
+
+
+def test_channels_last_fp32(distributed_run):
+    s = spec(channels_last=True)
+    results = distributed_run(_rank_global_bn, 2, s)
+    assert all(all(got["memory_format_kept"]) for got in results)
+    assert_equal_to_reference(s, results)
