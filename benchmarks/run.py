@@ -4,7 +4,8 @@
 
 Each speed claim is a ratio against a baseline measured in the same run: the full SimCLR step against the
 bare model forward/backward, the rank's NT-Xent slice against the full matrix, LARS against SGD, the cached
-step against the direct one, the trainer's loop against its own data wait.
+step against the direct one, the trainer's DDP/cuDNN settings against DDP's defaults, the trainer's loop against
+its own data wait.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import comm, loss, optimizer, step
+from benchmarks import comm, ddp, loss, optimizer, step
 from benchmarks.common import add_device_argument, emit, environment, init_one_process
 from trainer import distributed
 
@@ -204,6 +205,14 @@ def summary(results: dict, env: dict) -> str:
         fastest = ([f"per-device batch {batch}"] if batch is not None else []) + \
                   ([f"loader workers {workers}"] if workers is not None else [])
         lines += ["## Tuning", f"- fastest setting here: {', '.join(fastest)}", ""]
+    if "ddp" in results:
+        d = results["ddp"]
+        lines += [f"## DDP settings ({d['config']['ranks']} ranks, {d['config']['backend']}, {d['config']['model']} at "
+                  f"{d['config']['image_size']} px), steps/s relative to DDP's defaults"]
+        memory = d["results"].get("memory_over_defaults") or {}
+        lines += [f"- {name}: {ratio:.2f}x" + (f", peak memory {memory[name]:.2f}x" if name in memory else "")
+                  for name, ratio in d["results"]["speed_over_defaults"].items()]
+        lines.append("")
     if "end_to_end" in results:
         e = results["end_to_end"]
         lines += ["## End to end (quickstart, 1 process)", f"- {e['steps_per_s']:.2f} steps/s, "
@@ -217,13 +226,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and rounds (minutes on a laptop CPU)")
     parser.add_argument("--tiny", action="store_true", help="smallest sizes: checks the report, not speeds")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<machine>-<date>)")
-    parser.add_argument("--only", help="comma-separated subset: step,loss,optimizer,large_batch,comm,end_to_end,loader")
+    parser.add_argument("--only", help="comma-separated subset: step,loss,optimizer,large_batch,comm,ddp,end_to_end,"
+                                       "loader")
     args = parser.parse_args(argv)
     env = environment()
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{env.get('gpu') or platform.node()}-{time.strftime('%Y%m%d')}")
     folder = Path(args.out or Path(__file__).parent / "results" / tag)
     folder.mkdir(parents=True, exist_ok=True)
-    wanted = set(args.only.split(",")) if args.only else {"step", "loss", "optimizer", "large_batch", "comm",
+    wanted = set(args.only.split(",")) if args.only else {"step", "loss", "optimizer", "large_batch", "comm", "ddp",
                                                               "end_to_end", "loader"}
     ctx = init_one_process(args.device)
     device = str(ctx.device)  # every benchmark below runs on this one device (cuda:N as given)
@@ -237,6 +247,8 @@ def main(argv=None) -> int:
             "large_batch": lambda: large_batch_fresh_process(16 if scale == "tiny" else 32, lb_batch, lb_chunk,
                                                              device, 1 if scale == "tiny" else 2),
             "comm": lambda: comm.run(quick=scale != "full"),
+            "ddp": lambda: ddp.run(args.device, image_size=16 if scale == "tiny" else 0, batch=4 if scale == "tiny" else 0,
+                                   rounds={"tiny": 1, "quick": 3, "full": 5}[scale]),
             "end_to_end": lambda: end_to_end(scale),
             "loader": lambda: loader_suite(scale, device)}
     try:

@@ -7,7 +7,7 @@ import torch
 
 from benchmarks import common
 
-BENCHMARKS = ["run", "step", "large_batch", "loader", "loss", "optimizer", "augment"]
+BENCHMARKS = ["run", "step", "large_batch", "loader", "loss", "optimizer", "augment", "ddp"]
 
 
 @pytest.fixture
