@@ -18,7 +18,7 @@ from torchvision.models.resnet import BasicBlock
 
 
 class SmallResNet(nn.Module):
-    """stem -> one BasicBlock per entry of `widths` (stride 1 for the first, 2 after) -> global average pool.
+    """stem -> one BasicBlock per entry of `widths` (1 to 4; stride 1 for the first, 2 after) -> global average pool.
 
     small_stem: 3x3 stride-1 stem conv (images of 8-32 px); otherwise torchvision's 7x7 stride-2 conv and
     3x3 stride-2 max-pool. feature_dim = widths[-1].
@@ -35,16 +35,23 @@ class SmallResNet(nn.Module):
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.bn1 = nn.BatchNorm2d(first)
         self.relu = nn.ReLU(inplace=True)
-        stages, in_width = [], first
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
+        if not 1 <= len(widths) <= 4:
+            raise ValueError(f"widths={widths}: one to four stages")
+        in_width = first
+        # stages named as torchvision's (layer1..layer4, nn.Sequential): activation checkpointing and the memory
+        # planner walk those names; stages beyond len(widths) are identities
+        for i in range(4):
+            if i >= len(widths):
+                setattr(self, f"layer{i + 1}", nn.Identity())
+                continue
+            width, stride = widths[i], 1 if i == 0 else 2
             downsample = None
             if stride != 1 or in_width != width:
                 downsample = nn.Sequential(nn.Conv2d(in_width, width, kernel_size=1, stride=stride, bias=False),
                                            nn.BatchNorm2d(width))
-            stages.append(BasicBlock(in_width, width, stride=stride, downsample=downsample))
+            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(in_width, width, stride=stride,
+                                                                    downsample=downsample)))
             in_width = width
-        self.layers = nn.Sequential(*stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = in_width
         for m in self.modules():  # torchvision ResNet's initialization
@@ -56,7 +63,8 @@ class SmallResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return torch.flatten(self.avgpool(self.layers(x)), 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
 
 
 def _builder(widths: tuple[int, ...]) -> Callable[[bool], tuple[nn.Module, int]]:

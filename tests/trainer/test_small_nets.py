@@ -5,7 +5,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.config import ConfigError, ModelConfig
-from trainer.model import build_backbone, build_model
+from trainer.model import build_backbone, build_model, enable_activation_checkpointing
 from trainer.small_nets import SmallResNet
 
 
@@ -15,7 +15,7 @@ def test_features_and_resolution(name, feature_dim, small_stem, size, final_side
     net, dim = build_backbone(name, small_stem)
     assert dim == feature_dim
     seen = {}
-    net.layers[-1].register_forward_hook(lambda module, inputs, output: seen.update(shape=output.shape))
+    net.layer3.register_forward_hook(lambda module, inputs, output: seen.update(shape=output.shape))
     assert net(torch.randn(3, 3, size, size)).shape == (3, feature_dim)
     # small stem: only the two stride-2 blocks downsample; torchvision's stem divides by 4 first
     assert seen["shape"] == (3, feature_dim, final_side, final_side)
@@ -37,7 +37,7 @@ def test_same_seed_same_network():
 def test_torchvision_initialization():
     torch.manual_seed(0)
     net = SmallResNet((64, 128, 256))
-    conv = net.layers[2].conv2  # 256 -> 256, 3x3: Kaiming normal with fan_out = 256 * 9
+    conv = net.layer3[0].conv2  # 256 -> 256, 3x3: Kaiming normal with fan_out = 256 * 9
     expected_std = (2.0 / (256 * 9)) ** 0.5
     assert abs(conv.weight.std().item() / expected_std - 1) < 0.02
     norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -67,3 +67,18 @@ def test_config_accepts_the_names_and_a_step_updates_every_weight():
     assert missing == []
     with pytest.raises(ConfigError, match="resnet8"):  # the error lists the small names among the choices
         ModelConfig(base_model="resnet9")
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """The stages carry torchvision's names, so step_mode=checkpoint and the planner find them."""
+    x = torch.randn(4, 3, 16, 16)
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        net, _ = build_backbone("resnet8", True)
+        if checkpointed:
+            enable_activation_checkpointing(net)
+            assert type(net.layer1).__name__ == "CheckpointedSequential"
+        net(x).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
