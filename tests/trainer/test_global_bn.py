@@ -10,7 +10,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer.config import ModelConfig
-from trainer.global_bn import GlobalBatchNorm, _GlobalBatchNormFunction, convert_global_batchnorm
+from trainer import global_bn
+from trainer.global_bn import GlobalBatchNorm, convert_global_batchnorm
 from trainer.loss import NTXentLoss
 from trainer.model import build_model
 from trainer.optim import LARS, param_groups
@@ -49,7 +50,7 @@ def init_layer(layer: nn.Module) -> nn.Module:
     return layer
 
 
-def run_steps(layer: nn.Module, s: dict, rows: slice, dtype=None) -> dict:
+def run_steps(layer: nn.Module, s: dict, rows: slice, dtype=None, before_eval=lambda: None) -> dict:
     """STEPS training forwards + backwards on rows of each step's full batch, then one eval forward."""
     out = {"y": [], "grad_x": [], "grad_w": [], "grad_b": []}
     memory_format = torch.channels_last if s["channels_last"] else torch.contiguous_format
@@ -67,6 +68,7 @@ def run_steps(layer: nn.Module, s: dict, rows: slice, dtype=None) -> dict:
         layer.zero_grad()
     out["running"] = [layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone()]
     layer.eval()
+    before_eval()
     out["y_eval"] = layer(full_batch(s, STEPS)[0][rows].contiguous(memory_format=memory_format))
     return out
 
@@ -82,13 +84,20 @@ def group_of(s: dict, rank: int) -> list[int]:
     return list(range(rank // k * k, rank // k * k + k))
 
 
+def forbid_collectives():
+    """From here on a collective of this module fails the test (eval mode must not communicate)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("GlobalBatchNorm communicated in eval mode")
+    global_bn._all_reduce_sum = refuse
+
+
 def _rank_global_bn(rank: int, world_size: int, s: dict) -> dict:
     group = None
     if s["group_size"]:  # every rank creates every group, in the same order, and keeps its own
         groups = [dist.new_group(list(range(i, i + s["group_size"]))) for i in range(0, world_size, s["group_size"])]
         group = groups[rank // s["group_size"]]
     layer = init_layer(GlobalBatchNorm(C, group=group))
-    out = run_steps(layer, s, rank_rows(s, rank), s["dtype"])
+    out = run_steps(layer, s, rank_rows(s, rank), s["dtype"], before_eval=forbid_collectives)
     out["memory_format_kept"] = [y.is_contiguous(memory_format=torch.channels_last) for y in out["y"]]
     return out
 
@@ -180,3 +189,155 @@ def test_channels_last_fp32(distributed_run):
     results = distributed_run(_rank_global_bn, 2, s)
     assert all(all(got["memory_format_kept"]) for got in results)
     assert_equal_to_reference(s, results)
+
+
+def test_one_process_is_batchnorm_exactly():
+    """Without a process group: nn.BatchNorm's own forward (bit for bit), momentum None included."""
+    for momenta in [(0.1, 0.1, 0.1), (None, None, None), (0.1, 0.0, 1.0)]:
+        s = spec(momenta=momenta)
+        got = run_steps(init_layer(GlobalBatchNorm(C)), s, slice(0, 16))
+        want = run_steps(init_layer(nn.BatchNorm2d(C)), s, slice(0, 16))
+        for key in ("y", "grad_x", "grad_w", "grad_b", "running"):
+            for a, b in zip(got[key], want[key]):
+                assert torch.equal(a, b), (momenta, key)
+        assert torch.equal(got["y_eval"], want["y_eval"])
+
+
+def test_input_dims_checked():
+    layer = GlobalBatchNorm(C)
+    for shape in [(C,), (2, C, 2, 2, 2, 2)]:
+        with pytest.raises(ValueError, match="expected a 2D to 5D input"):
+            layer(torch.randn(shape))
+
+
+def _rank_group_handling(rank: int, world_size: int) -> dict:
+    pair, single = dist.new_group([0, 1]), dist.new_group([0])
+    model = nn.Sequential(nn.Conv2d(3, C, 3), GlobalBatchNorm(C, group=pair))
+    copied = copy.deepcopy(model)  # a process group cannot be copied: the copy shares it
+    out = {"shares_group": copied[1].group is pair, "own_weights": copied[1].weight is not model[1].weight}
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(rank))
+    out["copy_equal"] = torch.equal(copied(x), model(x))
+    try:
+        GlobalBatchNorm(C, group=single)(torch.randn(4, C, 3, 3))
+        out["outsider"] = "no error"
+    except ValueError as err:
+        out["outsider"] = str(err)
+    return out
+
+
+def test_deepcopy_shares_group_and_outsider_rank_refused(distributed_run):
+    member, outsider = distributed_run(_rank_group_handling, 2)
+    for out in (member, outsider):
+        assert out["shares_group"] and out["own_weights"] and out["copy_equal"]
+    assert member["outsider"] == "no error"  # rank 0 is the one-rank group's member: plain BatchNorm
+    assert "not a member of the layer's process group" in outsider["outsider"]
+
+
+def small_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(base_model="resnet18", small_stem=True, out_dim=16))
+
+
+def test_convert_resnet_keeps_state_and_computation():
+    original = small_resnet()
+    original.backbone.layer1[0].bn1.weight.requires_grad_(False)  # kept per parameter
+    original.backbone.layer2[0].bn2.momentum, original.backbone.layer2[0].bn2.eps = None, 1e-3
+    original.backbone.layer3[0].bn1.eval()
+    norms = {name: m for name, m in original.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert len(norms) == 21  # 20 in ResNet-18's backbone (stem, two per block, 3 shortcuts) + 1 in the head
+    converted = convert_global_batchnorm(copy.deepcopy(original))
+    assert list(converted.state_dict()) == list(original.state_dict())
+    for key, value in original.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
+    modules = dict(converted.named_modules())
+    for name, old in norms.items():
+        new = modules[name]
+        assert type(new) is GlobalBatchNorm, name
+        assert (new.eps, new.momentum, new.affine, new.track_running_stats, new.training, new.weight.requires_grad) \
+            == (old.eps, old.momentum, old.affine, old.track_running_stats, old.training, old.weight.requires_grad)
+    shared = convert_global_batchnorm(original)  # in place: the very same tensors (an optimizer stays right)
+    assert shared.backbone.bn1.weight is norms["backbone.bn1"].weight
+    assert shared.backbone.bn1.running_var is norms["backbone.bn1"].running_var
+    assert convert_global_batchnorm(shared).backbone.bn1 is shared.backbone.bn1  # already global: left alone
+
+    reference = small_resnet()
+    reference.backbone.layer1[0].bn1.weight.requires_grad_(False)
+    reference.backbone.layer2[0].bn2.momentum, reference.backbone.layer2[0].bn2.eps = None, 1e-3
+    reference.backbone.layer3[0].bn1.eval()
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    for model in (converted, reference):
+        model(x).square().sum().backward()
+    for (name, a), b in zip(converted.named_parameters(), reference.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0, msg=name)
+    for (name, a), b in zip(converted.named_buffers(), reference.buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_convert_keeps_dtype_and_untracked_layers():
+    model = nn.Sequential(nn.BatchNorm1d(3, affine=False, track_running_stats=False),
+                          nn.BatchNorm2d(3, dtype=torch.float64))
+    converted = convert_global_batchnorm(model)
+    assert converted[0].weight is None and converted[0].running_mean is None and not converted[0].affine
+    assert converted[1].weight.dtype == torch.float64 and converted[1].running_var.dtype == torch.float64
+    single = convert_global_batchnorm(nn.BatchNorm2d(3))  # a BatchNorm itself: a new module
+    assert type(single) is GlobalBatchNorm
+
+
+def tiny_simclr() -> nn.Module:
+    torch.manual_seed(0)  # the same initialization in every rank and in the reference
+    return build_model(ModelConfig(base_model="resnet8", small_stem=True, out_dim=16))
+
+
+def simclr_views() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(16, 3, 8, 8, generator=g), torch.randn(16, 3, 8, 8, generator=g)
+
+
+def lars_steps(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    opt = LARS(param_groups(model, 1e-4), lr=2.0, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.02)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return torch.stack([train_step(model, NTXentLoss(0.2), opt, scaler, x1, x2, amp_dtype=None)[0]
+                        for _ in range(steps)])
+
+
+def state_of(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _rank_ddp_lars(rank: int, world_size: int) -> dict:
+    x1, x2 = simclr_views()
+    n = x1.shape[0] // world_size
+    rows = slice(rank * n, (rank + 1) * n)
+    out = {}
+    for name, prepare in (("global", convert_global_batchnorm), ("per_rank", lambda m: m)):
+        model = prepare(tiny_simclr())
+        losses = lars_steps(DDP(model), x1[rows], x2[rows])
+        out[name] = state_of(model), losses
+    return out
+
+
+def test_ddp_global_bn_lars_steps_equal_one_process(distributed_run):
+    """DDP + GlobalBatchNorm + NT-Xent + LARS, 3 steps on 2 gloo ranks == one process with nn.BatchNorm on the
+    concatenated views; with per-rank BatchNorm the same run does not match (the test can fail)."""
+    results = distributed_run(_rank_ddp_lars, 2)
+    reference = tiny_simclr()
+    initial = state_of(reference)
+    ref_losses = lars_steps(reference, *simclr_views())
+    want = state_of(reference)
+    for rank, out in enumerate(results):
+        state, losses = out["global"]
+        assert list(state) == list(want)
+        for key, value in want.items():
+            if key.endswith("num_batches_tracked"):
+                assert torch.equal(state[key], value) and value.item() == 3, key
+                continue
+            assert not torch.equal(value, initial[key]), f"{key} did not move"
+            torch.testing.assert_close(state[key], value, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"rank {rank} {key}: {m}")
+    torch.testing.assert_close((results[0]["global"][1] + results[1]["global"][1]) / 2, ref_losses,
+                               atol=1e-5, rtol=1e-5)
+    per_rank = results[0]["per_rank"][0]
+    assert not torch.allclose(per_rank["backbone.bn1.running_var"], want["backbone.bn1.running_var"], atol=1e-4)
+    assert not torch.allclose(per_rank["head.0.weight"], want["head.0.weight"], atol=1e-5)
