@@ -150,7 +150,7 @@ def _heartbeat_loop(store: dist.Store, rank_: int, stop: threading.Event) -> Non
 def _host_of(store: dist.Store, rank_: int) -> str:
     """The host name rank `rank_` published at start-up ('?' when it did not)."""
     key = f"host/{rank_}"
-    return store.get(key).decode() if store.check([key]) else "?"
+    return store.get(key).decode().split()[0] if store.check([key]) else "?"
 
 
 def progress_report(world: WorldInfo) -> str:
@@ -178,44 +178,52 @@ def progress_report(world: WorldInfo) -> str:
 
 
 def _spans_nodes(world: WorldInfo) -> bool:
-    """More ranks than this node runs (torchrun sets LOCAL_WORLD_SIZE; a plain launch is one node)."""
+    """More ranks than this node's agent runs (torchrun sets LOCAL_WORLD_SIZE; a plain launch is one node)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
     return world.world_size > local
 
 
-def _loopback_hostname() -> tuple[str, str] | None:
-    """(hostname, address) when this host's name resolves first to a loopback address (Debian's hosts file maps
-    it to 127.0.1.1), or to nothing; gloo then binds there and the other nodes cannot reach it."""
+def _host_and_address() -> str:
+    """'name address': this host's name and the address gloo would take for it (the first it resolves to)."""
     host = socket.gethostname()
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
-        return host, "nothing (it does not resolve)"
-    addr = infos[0][4][0] if infos else ""
+        infos = []
+    return f"{host} {infos[0][4][0] if infos else 'nothing'}"
+
+
+def _unreachable(addr: str) -> bool:
     try:
-        loopback = not addr or ipaddress.ip_address(addr.split("%")[0]).is_loopback
+        return ipaddress.ip_address(addr.split("%")[0]).is_loopback
     except ValueError:
-        loopback = False
-    return (host, addr or "nothing") if loopback else None
+        return True  # 'nothing': the name does not resolve
 
 
-def check_network(world: WorldInfo, backend: str) -> str | None:
+def check_network(world: WorldInfo, backend: str, store: dist.Store) -> str | None:
     """Why gloo could not connect the nodes of this job, before the process group tries for minutes; None if fine.
 
-    Without GLOO_SOCKET_IFNAME gloo takes the address the host name resolves to. When that is a loopback address,
-    the other nodes' connections are refused (one node fails in seconds, the others after 5x dist_timeout_s).
-    NCCL picks a non-loopback interface by itself, so only gloo is checked."""
+    Every rank has published 'host address' under host/<rank>. Without GLOO_SOCKET_IFNAME gloo binds to the
+    address the host name resolves to; where that is a loopback address (Debian's hosts file maps the name to
+    127.0.1.1) and the ranks run on several hosts, the other hosts' connections are refused: one node fails in
+    seconds, the others after 5x dist_timeout_s. Every rank reads the same keys and so decides alike. NCCL
+    picks a non-loopback interface by itself: only gloo is checked."""
     if backend != "gloo" or not _spans_nodes(world) or os.environ.get("GLOO_SOCKET_IFNAME"):
         return None
-    found = _loopback_hostname()
-    if found is None:
+    keys = [f"host/{r}" for r in range(world.world_size)]
+    store.wait(keys)
+    hosts = [store.get(key).decode().split(maxsplit=1) for key in keys]
+    if len({name for name, _ in hosts}) < 2:
+        return None  # every rank on this host: loopback reaches them all
+    bad = sorted({(name, addr) for name, addr in hosts if _unreachable(addr)})
+    if not bad:
         return None
-    host, addr = found
-    return (f"this node's host name '{host}' resolves to {addr}, not to an address the other nodes can reach, and "
-            f"GLOO_SOCKET_IFNAME is not set: gloo would fail with 'Connection refused'. Set GLOO_SOCKET_IFNAME "
-            f"(and NCCL_SOCKET_IFNAME for GPUs) to the network interface that connects the nodes (launch/"
-            f"multi_node.sh and launch/slurm.sbatch: SOCKET_IFNAME=eth0, say), or map '{host}' to that "
-            f"interface's address in /etc/hosts")
+    names = ", ".join(f"host name '{name}' resolves to {addr}" for name, addr in bad)
+    return (f"{names}, not to an address the other nodes can reach, and GLOO_SOCKET_IFNAME is not set: gloo "
+            f"would fail with 'Connection refused'. Set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME for GPUs) on "
+            f"every node to the network interface that connects the nodes (launch/multi_node.sh and "
+            f"launch/slurm.sbatch: SOCKET_IFNAME=eth0, say), or map each host name to that interface's address "
+            f"in /etc/hosts")
 
 
 def init(world: WorldInfo, device_preference: str = "auto", timeout_s: int = 1800) -> DistContext:
@@ -225,21 +233,27 @@ def init(world: WorldInfo, device_preference: str = "auto", timeout_s: int = 180
     process group starts."""
     device = pick_device(device_preference, world.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    problem = check_network(world, backend)
-    if problem is not None:
-        if world.local_rank == 0:  # one line per node: the problem is the node's
-            print(f"config error: [rank {world.rank}] {problem}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}
     global _STORE, _PREFIX
     _STORE, _PREFIX = _store(world, timeout)
+    if world.world_size > 1:
+        _STORE.set(f"host/{world.rank}", _host_and_address())  # names the node in reports
+        problem = check_network(world, backend, _STORE)
+        if problem is not None:
+            if world.local_rank == 0:  # one line per node
+                print(f"config error: [rank {world.rank}] {problem}", file=sys.stderr, flush=True)
+            _STORE.add("network_checked", 1)
+            deadline = time.monotonic() + 10  # rank 0 may host the store: let the others read it first
+            while world.rank == 0 and _STORE.add("network_checked", 0) < world.world_size and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
+            raise SystemExit(2)
     dist.init_process_group(backend, store=_STORE, rank=world.rank,
                             world_size=world.world_size, timeout=timeout, **kwargs)
     if world.world_size > 1:
-        _STORE.set(f"host/{world.rank}", socket.gethostname())  # once: names the node in reports
         _start_heartbeat(world, timeout)
     if world.launcher_pid is not None:  # a torchrun worker: its launcher is its parent
         watch_parent(world.launcher_pid)

@@ -1,0 +1,185 @@
+"""launch/multi_node.sh unchanged on two nodes in network namespaces: a clean run, a killed worker, a killed agent,
+a link outage, and Debian's hosts file; each run ends with the same parameters as one machine running both ranks."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file (pytest runs in importlib mode)
+import nodes as cluster  # noqa: E402
+from nodes import IFNAME, REPO, TINY, checksums, children, stop_group, two_nodes, wait_for  # noqa: E402
+
+_why = cluster.unavailable()
+if _why:
+    pytest.skip(_why, allow_module_level=True)
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+RUN = [*TINY, "epochs=4", "checkpoint_every_n_steps=2"]  # 16 steps: room to inject a fault mid-run
+STEPS = 16  # 64 of the 96 synthetic images train (the rest are held out): 4 steps per epoch
+BASE_ENV = {k: v for k, v in os.environ.items()
+            if not k.startswith(("MASTER_", "GLOO_", "NCCL_", "TORCHELASTIC_", "NNODES", "NODE_RANK", "SLURM_"))}
+BASE_ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NPROC="1")
+
+
+def node_env(**extra: str) -> dict:
+    return {**BASE_ENV, "MASTER_ADDR": "simclr-node-a", "NNODES": "2", "MASTER_PORT": "29500",
+            "RDZV_JOIN_TIMEOUT_S": "60", "NODE_LOST_TIMEOUT_S": "20", "MAX_RESTARTS": "0", **extra}
+
+
+def start(pair, tmp: Path, args: list[str], envs: list[dict]) -> list[subprocess.Popen]:
+    return [node.popen(["bash", str(REPO / "launch/multi_node.sh"), *args], env, tmp / f"{node.name}.log")
+            for node, env in zip(pair, envs)]
+
+
+def finish(procs, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a node still ran after {timeout_s:.0f} s (hung)")
+    finally:
+        for proc in procs:
+            stop_group(proc)
+    return [proc.returncode for proc in procs]
+
+
+def logs(pair, tmp: Path) -> list[str]:
+    return [(tmp / f"{node.name}.log").read_text() for node in pair]
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in out.glob("checkpoint_*.pt") if p.stem.split("_")[1].isdigit())
+
+
+@pytest.fixture(scope="module")
+def one_machine(tmp_path_factory) -> str:
+    """The checksum of the same job with both ranks on this machine (torchrun --standalone)."""
+    out = tmp_path_factory.mktemp("one_machine")
+    proc = subprocess.run(["bash", str(REPO / "launch/single_node.sh"), *RUN, f"output_dir={out}"], cwd=REPO,
+                          env={**BASE_ENV, "NPROC": "2"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    sums = checksums(proc.stdout + proc.stderr)
+    assert sorted(sums) == [0, 1] and sums[0] == sums[1] and sums[0][0] == STEPS, sums
+    return sums[0][1]
+
+
+@pytest.fixture
+def pair(tmp_path):
+    with two_nodes(tmp_path) as made:
+        yield made
+
+
+def test_clean_run_matches_one_machine(pair, tmp_path, one_machine):
+    procs = start(pair, tmp_path, [*RUN, f"output_dir={tmp_path / 'out'}"], [node_env(), node_env()])
+    codes = finish(procs, 300)
+    text = logs(pair, tmp_path)
+    assert codes == [0, 0], "\n".join(t[-2500:] for t in text)
+    a, b = checksums(text[0]), checksums(text[1])
+    assert {**a, **b} == {0: (STEPS, one_machine), 1: (STEPS, one_machine)}
+
+
+def test_killed_worker_recovers_across_nodes(pair, tmp_path, one_machine):
+    """Bug: node B's restarted worker had TORCHELASTIC_RESTART_COUNT=1, node A's 0, so their store keys differed
+    (round1 vs round0) and the restart ended in DistStoreError / RendezvousClosedError."""
+    out = tmp_path / "out"
+    env = node_env(MAX_RESTARTS="1")
+    procs = start(pair, tmp_path, [*RUN, f"output_dir={out}"], [env, env])
+    try:
+        wait_for(lambda: any(s >= 6 for s in checkpoint_steps(out)), 240, "a checkpoint at step 6", procs)
+        workers = children(procs[1].pid)  # node B's agent is the process we started; its child is the worker
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+    except BaseException:
+        for proc in procs:
+            stop_group(proc)
+        raise
+    codes = finish(procs, 300)
+    text = logs(pair, tmp_path)
+    assert codes == [0, 0], "\n".join(t[-3000:] for t in text)
+    assert "resumed from" in "".join(text)
+    final = {**checksums(text[0]), **checksums(text[1])}
+    assert final == {0: (STEPS, one_machine), 1: (STEPS, one_machine)}
+
+
+def test_killed_agent_ends_the_job_naming_the_node(pair, tmp_path):
+    """Bug: node A waited the whole join timeout (600 s by default), then ended with a bare RendezvousTimeoutError."""
+    out = tmp_path / "out"
+    env = node_env(MAX_RESTARTS="1", NODE_LOST_TIMEOUT_S="15")
+    procs = start(pair, tmp_path, [*RUN, "epochs=40", f"output_dir={out}"], [env, env])
+    try:
+        wait_for(lambda: any(s >= 4 for s in checkpoint_steps(out)), 240, "a checkpoint at step 4", procs)
+        os.kill(procs[1].pid, signal.SIGKILL)  # node B's torchrun; its worker stops by itself
+        killed = time.monotonic()
+    except BaseException:
+        for proc in procs:
+            stop_group(proc)
+        raise
+    codes = finish(procs[:1], 120)
+    took = time.monotonic() - killed
+    text = logs(pair, tmp_path)[0]
+    stop_group(procs[1])
+    assert codes[0] != 0
+    # 15 s for the lost node, 15 s until the rendezvous declares its heartbeat dead, start-up of the workers
+    assert took < 75, f"{took:.0f} s\n{text[-3000:]}"
+    assert "node lost: simclr-node-b" in text and "did not rejoin within 15 s" in text, text[-3000:]
+
+
+def test_link_outage_longer_than_dist_timeout_never_hangs(pair, tmp_path, one_machine):
+    """The link goes down for 30 s with dist_timeout_s=10: the job recovers through a restart (same parameters
+    as without the outage) or ends, in bounded time; the slow step does not pass silently."""
+    out = tmp_path / "out"
+    env = node_env(MAX_RESTARTS="1", NODE_LOST_TIMEOUT_S="60")
+    procs = start(pair, tmp_path, [*RUN, "dist_timeout_s=10", f"output_dir={out}"], [env, env])
+    try:
+        wait_for(lambda: any(s >= 4 for s in checkpoint_steps(out)), 240, "a checkpoint at step 4", procs)
+        pair[0].link(up=False)
+        time.sleep(30)
+        pair[0].link(up=True)
+    except BaseException:
+        for proc in procs:
+            stop_group(proc)
+        raise
+    codes = finish(procs, 240)
+    text = logs(pair, tmp_path)
+    if codes == [0, 0]:
+        final = {**checksums(text[0]), **checksums(text[1])}
+        assert final == {0: (STEPS, one_machine), 1: (STEPS, one_machine)}
+    else:
+        assert "dist_timeout_s=10" in "".join(text), "\n".join(t[-3000:] for t in text)
+
+
+def test_loopback_host_name_stops_at_start_naming_the_interface(pair, tmp_path):
+    """Bug: with Debian's hosts file (own name on 127.0.1.1) gloo failed with 'Connection refused' on one node
+    and after 5x dist_timeout_s on the other."""
+    for node in pair:
+        node.write_hosts(pair, debian_default=True)
+    started = time.monotonic()
+    procs = start(pair, tmp_path, [*RUN, f"output_dir={tmp_path / 'out'}"], [node_env(), node_env()])
+    codes = finish(procs, 120)
+    took = time.monotonic() - started
+    text = logs(pair, tmp_path)
+    assert codes[0] != 0 and codes[1] != 0
+    for node, log in zip(pair, text):
+        assert f"config error: [rank" in log and f"host name '{node.name}' resolves to 127.0.1.1" in log, log[-3000:]
+        assert "GLOO_SOCKET_IFNAME" in log and "SOCKET_IFNAME=eth0" in log
+    assert took < 90, f"{took:.0f} s"
+
+
+def test_loopback_host_name_runs_with_interface_and_ip_master(pair, tmp_path, one_machine):
+    """SOCKET_IFNAME fixes gloo; MASTER_ADDR given as an IP still finds its rendezvous host (bug: no node hosted
+    it, RendezvousConnectionError), and the result equals one machine's."""
+    for node in pair:
+        node.write_hosts(pair, debian_default=True)
+    env = node_env(SOCKET_IFNAME=IFNAME, MASTER_ADDR=pair[0].addr)
+    procs = start(pair, tmp_path, [*RUN, f"output_dir={tmp_path / 'out'}"], [env, env])
+    codes = finish(procs, 300)
+    text = logs(pair, tmp_path)
+    assert codes == [0, 0], "\n".join(t[-2500:] for t in text)
+    assert {**checksums(text[0]), **checksums(text[1])} == {0: (STEPS, one_machine), 1: (STEPS, one_machine)}
