@@ -341,3 +341,68 @@ def test_ddp_global_bn_lars_steps_equal_one_process(distributed_run):
     per_rank = results[0]["per_rank"][0]
     assert not torch.allclose(per_rank["backbone.bn1.running_var"], want["backbone.bn1.running_var"], atol=1e-4)
     assert not torch.allclose(per_rank["head.0.weight"], want["head.0.weight"], atol=1e-5)
+
+
+def _rank_compiled(rank: int, world_size: int) -> dict:
+    s = spec()
+    layer = init_layer(GlobalBatchNorm(C))
+    x_full, r_full = full_batch(s, 0)
+    rows = rank_rows(s, rank)
+
+    def loss_of(layer, x):
+        return (layer(x) * r_full[rows]).sum()
+
+    out = {}
+    for name, fn in (("eager", loss_of), ("compiled", torch.compile(loss_of, fullgraph=True, backend="aot_eager"))):
+        model = copy.deepcopy(layer)
+        x = x_full[rows].clone().requires_grad_()
+        loss = fn(model, x)
+        loss.backward()
+        out[name] = [loss.detach(), x.grad, model.weight.grad, model.running_var.clone()]
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_equals_eager(distributed_run):
+    """torch.compile traces the layer with its collective in one graph (fullgraph=True: a graph break fails),
+    forward and backward equal to eager on 2 gloo ranks."""
+    for out in distributed_run(_rank_compiled, 2, timeout_s=600):
+        for got, want in zip(out["compiled"], out["eager"]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_global_path_on_device_without_host_syncs(monkeypatch, device):
+    """The multi-rank code path in one process (a pretended 2-rank group whose all-reduce is the identity, so the
+    statistics are this batch's): bf16 autocast, channels_last, momentum None, affine or not, equal to nn.BatchNorm2d
+    in fp32 on the same values; on CUDA under torch.cuda.set_sync_debug_mode("error"), which fails on a host sync."""
+    monkeypatch.setattr(global_bn, "_group_size", lambda group: 2)
+    monkeypatch.setattr(global_bn, "_all_reduce_sum", lambda tensor, group: tensor * 1)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(16, C, 6, 6, generator=g) * 2 + 1).bfloat16()
+    r = torch.randn(16, C, 6, 6, generator=g).bfloat16()
+    for affine in (True, False):
+        want_layer = nn.BatchNorm2d(C, momentum=None, affine=affine)
+        layer = GlobalBatchNorm(C, momentum=None, affine=affine).to(device)
+        want_x = x.float().requires_grad_()
+        want_y = want_layer(want_x)
+        (want_y * r.float()).sum().backward()
+        got_x = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                y = layer(got_x)
+            (y.float() * r.to(device)).sum().backward()
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+        assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y.float().cpu(), want_y.detach(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got_x.grad.float().cpu(), want_x.grad, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(layer.running_var.cpu(), want_layer.running_var, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.running_mean.cpu(), want_layer.running_mean, atol=1e-5, rtol=1e-5)
+        if affine:
+            torch.testing.assert_close(layer.weight.grad.cpu(), want_layer.weight.grad, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(layer.bias.grad.cpu(), want_layer.bias.grad, atol=1e-4, rtol=1e-5)
