@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer import checkpoint
+
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file (pytest runs in importlib mode)
 import nodes as cluster  # noqa: E402
 from nodes import IFNAME, REPO, TINY, checksums, children, stop_group, two_nodes, wait_for  # noqa: E402
@@ -55,7 +57,7 @@ def logs(pair, tmp: Path) -> list[str]:
 
 
 def checkpoint_steps(out: Path) -> list[int]:
-    return sorted(int(p.stem.split("_")[1]) for p in out.glob("checkpoint_*.pt") if p.stem.split("_")[1].isdigit())
+    return [int(p.stem.split("_")[1]) for p in checkpoint.list_checkpoints(out)]
 
 
 @pytest.fixture(scope="module")
