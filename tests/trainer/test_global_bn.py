@@ -406,3 +406,17 @@ def test_global_path_on_device_without_host_syncs(monkeypatch, device):
         if affine:
             torch.testing.assert_close(layer.weight.grad.cpu(), want_layer.weight.grad, atol=1e-4, rtol=1e-5)
             torch.testing.assert_close(layer.bias.grad.cpu(), want_layer.bias.grad, atol=1e-4, rtol=1e-5)
+
+
+def _rank_benchmark(rank: int, world_size: int) -> dict:
+    from benchmarks import global_bn as bench
+    return bench.run("cpu", "resnet8", image_size=8, batch=4, rounds=1)
+
+
+def test_benchmark_runs(distributed_run):
+    """benchmarks.global_bn on a tiny model: every case measured, the ratios reported."""
+    report = distributed_run(_rank_benchmark, 1)[0]
+    results = report["results"]
+    assert set(results["model_images_per_s"]) == {"model_batchnorm", "model_global"}
+    assert all(rate > 0 for rate in results["layer_images_per_s"].values())
+    assert results["model_time_global_over_batchnorm"] > 0
