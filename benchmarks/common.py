@@ -61,6 +61,15 @@ def init_one_process(device: str):
     return distributed.init(distributed.WorldInfo(0, dev.index or 0, 1, 0), dev.type)
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; platform.processor() is often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
 def environment() -> dict:
     """Machine, versions and commit, so a number can be traced to where it was measured."""
     try:
@@ -69,6 +78,7 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     info = {"machine": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
+            "cpu_model": _cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
