@@ -59,6 +59,7 @@ def _channel_sums(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invst
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """x's memory format (channels_last for NHWC / NDHWC strides, else contiguous)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
@@ -116,7 +117,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
             sum_g_xhat, sum_g = _channel_sums(grad_y, x, mean, invstd)
             if need_x:  # the same on every rank (same model), so every rank joins this collective or none does
                 channels = mean.shape[0]
-                sums = _all_reduce_sum(torch.cat([sum_g, sum_g_xhat]), group=ctx.group)
+                sums = _all_reduce_sum(torch.cat([sum_g, sum_g_xhat]), ctx.group)
                 mean_g, mean_g_xhat = sums[:channels] / count, sums[channels:] / count
                 w = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
                 shape = (channels,) + (1,) * (x.dim() - 2)
