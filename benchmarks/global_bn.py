@@ -6,7 +6,8 @@
 One process: GlobalBatchNorm's multi-rank code path (fp32 statistics, fused reductions, its all-reduce over a
 process group of one) against nn.BatchNorm2d, i.e. the arithmetic's overhead without the network's. Under
 torchrun: per-rank nn.BatchNorm2d, GlobalBatchNorm over all ranks and, on CUDA, nn.SyncBatchNorm, each a full
-training forward + backward with DDP, rank 0 reporting. Also one BN layer alone (64 channels, 32x32 maps).
+training forward + backward with DDP, rank 0 reporting. Also one BN layer alone (64 channels, 32x32 maps), and
+in one process that layer's arithmetic without its two collectives.
 Each case is timed in alternating rounds (benchmarks.common.interleaved_rates) so machine noise hits all alike.
 """
 from __future__ import annotations
@@ -36,6 +37,18 @@ def multi_rank_path():
         yield
     finally:
         global_bn._group_size = size
+
+
+def without_collective(fn):
+    """fn with GlobalBatchNorm's all-reduce replaced by the identity: its arithmetic alone (one process only)."""
+    def run():
+        reduce = global_bn._all_reduce_sum
+        global_bn._all_reduce_sum = lambda tensor, group: tensor
+        try:
+            fn()
+        finally:
+            global_bn._all_reduce_sum = reduce
+    return run
 
 
 def training_pass(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None):
@@ -73,6 +86,8 @@ def run(device: str = "auto", model_name: str = "resnet18", image_size: int = 32
         cases[f"model_{name}"] = training_pass(DDP(model) if world > 1 else model, x, amp_dtype)
         layer = convert(nn.BatchNorm2d(64)).to(dev)
         cases[f"layer_{name}"] = training_pass(layer, layer_x.requires_grad_(), amp_dtype)
+        if name == "global" and world == 1:
+            cases["layer_global_arithmetic"] = without_collective(cases["layer_global"])
     with multi_rank_path() if world == 1 else contextlib.nullcontext():
         models = interleaved_rates({k: v for k, v in cases.items() if k.startswith("model_")}, batch, dev,
                                    rounds=rounds)
@@ -83,6 +98,9 @@ def run(device: str = "auto", model_name: str = "resnet18", image_size: int = 32
     results = {"model_images_per_s": models, "layer_images_per_s": layers,
                "model_time_global_over_batchnorm": models["model_batchnorm"] / models["model_global"],
                "layer_time_global_over_batchnorm": layers["layer_batchnorm"] / layers["layer_global"]}
+    if "layer_global_arithmetic" in layers:  # the rest is the collectives' fixed cost (two per layer per step)
+        results["layer_time_global_arithmetic_over_batchnorm"] = (layers["layer_batchnorm"]
+                                                                  / layers["layer_global_arithmetic"])
     if "model_sync" in models:
         results["model_time_global_over_sync"] = models["model_sync"] / models["model_global"]
         results["layer_time_global_over_sync"] = layers["layer_sync"] / layers["layer_global"]

@@ -425,5 +425,6 @@ def test_benchmark_runs(distributed_run):
     report = distributed_run(_rank_benchmark, 1)[0]
     results = report["results"]
     assert set(results["model_images_per_s"]) == {"model_batchnorm", "model_global"}
+    assert set(results["layer_images_per_s"]) == {"layer_batchnorm", "layer_global", "layer_global_arithmetic"}
     assert all(rate > 0 for rate in results["layer_images_per_s"].values())
     assert results["model_time_global_over_batchnorm"] > 0
