@@ -21,6 +21,11 @@ TINY = ["--config", str(REPO / "configs/quickstart.yaml"), "dataset.name=synthet
         "dataset.input_shape=(16,16,3)", "model.small_stem=true", "model.out_dim=16", "model.base_model=resnet18",
         "batch_size=16", "epochs=2", "log_every_n_steps=1", "eval.final_probe=false", "eval.knn_monitor=false",
         "amp=off", "optim.warmup_epochs=1", "device=cpu", "dist_timeout_s=20"]
+RUN = [*TINY, "epochs=4", "checkpoint_every_n_steps=2"]  # 16 steps: room to inject a fault mid-run
+STEPS = 16  # 64 of the 96 synthetic images train (the rest are held out): 4 steps per epoch
+BASE_ENV = {k: v for k, v in os.environ.items()
+            if not k.startswith(("MASTER_", "GLOO_", "NCCL_", "TORCHELASTIC_", "NNODES", "NODE_RANK", "SLURM_"))}
+BASE_ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NPROC="1")
 CHECKSUM = re.compile(r"\[rank (\d+)\] step (\d+): parameter checksum (\S+)")
 
 

@@ -15,18 +15,12 @@ from trainer import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file (pytest runs in importlib mode)
 import nodes as cluster  # noqa: E402
-from nodes import IFNAME, REPO, TINY, checksums, children, stop_group, two_nodes, wait_for  # noqa: E402
+from nodes import BASE_ENV, IFNAME, REPO, RUN, STEPS, checksums, children, stop_group, wait_for  # noqa: E402
 
 _why = cluster.unavailable()
 if _why:
     pytest.skip(_why, allow_module_level=True)
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-RUN = [*TINY, "epochs=4", "checkpoint_every_n_steps=2"]  # 16 steps: room to inject a fault mid-run
-STEPS = 16  # 64 of the 96 synthetic images train (the rest are held out): 4 steps per epoch
-BASE_ENV = {k: v for k, v in os.environ.items()
-            if not k.startswith(("MASTER_", "GLOO_", "NCCL_", "TORCHELASTIC_", "NNODES", "NODE_RANK", "SLURM_"))}
-BASE_ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NPROC="1")
 
 
 def node_env(**extra: str) -> dict:
@@ -58,24 +52,6 @@ def logs(pair, tmp: Path) -> list[str]:
 
 def checkpoint_steps(out: Path) -> list[int]:
     return [int(p.stem.split("_")[1]) for p in checkpoint.list_checkpoints(out)]
-
-
-@pytest.fixture(scope="module")
-def one_machine(tmp_path_factory) -> str:
-    """The checksum of the same job with both ranks on this machine (torchrun --standalone)."""
-    out = tmp_path_factory.mktemp("one_machine")
-    proc = subprocess.run(["bash", str(REPO / "launch/single_node.sh"), *RUN, f"output_dir={out}"], cwd=REPO,
-                          env={**BASE_ENV, "NPROC": "2"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    sums = checksums(proc.stdout + proc.stderr)
-    assert sorted(sums) == [0, 1] and sums[0] == sums[1] and sums[0][0] == STEPS, sums
-    return sums[0][1]
-
-
-@pytest.fixture
-def pair(tmp_path):
-    with two_nodes(tmp_path) as made:
-        yield made
 
 
 def test_clean_run_matches_one_machine(pair, tmp_path, one_machine):
