@@ -477,6 +477,8 @@ def check_g_end_to_end(s: dict, ctx, limit: float, dry: bool, beton: str | None,
 
         ffcv = FFCVTwoViewLoader(beton, batch, size, num_workers=max(1, (os.cpu_count() or 2) - 2),
                                  device=ctx.device)
+        if ffcv.steps_per_epoch < 3:
+            raise ValueError(f"--beton {beton}: {ffcv.steps_per_epoch} batches of {batch}; need at least 3")
         result["ffcv_views_per_s"] = loop(ffcv, min(s["timed_steps"], ffcv.steps_per_epoch - 2))
     else:
         result["ffcv_note"] = "no .beton given (--beton FILE): FFCV not measured"
