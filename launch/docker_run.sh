@@ -23,8 +23,9 @@
 #   STOP_TIMEOUT_S  seconds `docker stop` waits (after SIGTERM) for the final checkpoint (default 150)
 #   SHUTDOWN_TIMEOUT_S, MAX_RESTARTS   as in launch/single_node.sh and launch/multi_node.sh
 #   CONTAINER_NAME  optional --name, to `docker stop` it by name
-#   MASTER_ADDR, NNODES [MASTER_PORT, NODE_RANK, RDZV_ID]   several nodes: run this on every node, as with
-#                   launch/multi_node.sh; the container then uses the host's network
+#   MASTER_ADDR, NNODES [MASTER_PORT, NODE_RANK, RDZV_ID, RDZV_JOIN_TIMEOUT_S, NODE_LOST_TIMEOUT_S, SOCKET_IFNAME,
+#                   LOCAL_ADDR]   several nodes: run this on every node, as with launch/multi_node.sh (see there);
+#                   the container then uses the host's network
 #   Passed into the container when set: NCCL_*, GLOO_*, TORCH_* (except TORCH_HOME, TORCH_EXTENSIONS_DIR),
 #   TORCHELASTIC_*, PYTORCH_*, OMP_NUM_THREADS, CUDA_LAUNCH_BLOCKING, LOGLEVEL, PYTHONFAULTHANDLER.
 set -euo pipefail
@@ -96,16 +97,32 @@ done < <(compgen -e)
 if [ -n "${MASTER_ADDR:-}" ]; then
   : "${NNODES:?set NNODES (the number of nodes) together with MASTER_ADDR}"
   docker_args+=(--network=host)  # NCCL and the rendezvous talk to the other nodes directly
+  if [ -n "${SOCKET_IFNAME:-}" ]; then  # as in multi_node.sh: an explicit GLOO_/NCCL_SOCKET_IFNAME wins
+    docker_args+=(-e "GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME}"
+      -e "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}")
+  fi
+  rdzv_conf="join_timeout=${RDZV_JOIN_TIMEOUT_S:-600}"
+  # shellcheck source=launch/common.sh
+  source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+  if [ "${LOCAL_ADDR:-}" = "$MASTER_ADDR" ] || is_local_address "$MASTER_ADDR"; then
+    rdzv_conf+=",is_host=true"  # the host network: this host's addresses are the container's
+  fi
+  # torchrun through trainer.distributed: a node lost for NODE_LOST_TIMEOUT_S ends the job naming it
+  agent=(python -m trainer.distributed --rejoin-timeout="${NODE_LOST_TIMEOUT_S:-60}")
   rdzv_args=(--nnodes="$NNODES" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}"
-    --rdzv-id="${RDZV_ID:-simclr}" --max-restarts="${MAX_RESTARTS:-3}")
+    --rdzv-id="${RDZV_ID:-simclr}" --rdzv-conf="$rdzv_conf" --max-restarts="${MAX_RESTARTS:-3}")
   if [ -n "${NODE_RANK:-}" ]; then
     rdzv_args+=(--node-rank="$NODE_RANK")
   fi
+  if [ -n "${LOCAL_ADDR:-}" ]; then
+    rdzv_args+=(--local-addr="$LOCAL_ADDR")
+  fi
 else
+  agent=(torchrun)
   rdzv_args=(--standalone --max-restarts="${MAX_RESTARTS:-0}")
 fi
 
 exec docker run "${docker_args[@]}" "${mounts[@]}" "$image" \
-  torchrun "${rdzv_args[@]}" \
+  "${agent[@]}" "${rdzv_args[@]}" \
   --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT_S:-120}" \
   --nproc_per_node="$nproc_per_node" -m trainer.main "$@"

@@ -282,6 +282,19 @@ def test_docker_run_cpu_and_multi_node(fakes, tmp_path):
     words = calls(log, "docker")[0].split()
     assert "--gpus" not in words and "--network=host" in words and "--nproc_per_node=1" in words
     assert "--rdzv-endpoint=node0:29500" in words and "--nnodes=2" in words
+    assert "trainer.distributed" in words and "--rejoin-timeout=60" in words
+
+
+def test_docker_run_multi_node_interface_and_local_addr(fakes, tmp_path):
+    env, log, _ = fakes
+    env = {**env, "OUTPUT_DIR": str(tmp_path / "out"), "GPUS": "", "MASTER_ADDR": "10.9.9.1", "NNODES": "2",
+           "SOCKET_IFNAME": "ib0", "LOCAL_ADDR": "10.9.9.1", "NODE_LOST_TIMEOUT_S": "30"}
+    proc = run("docker_run.sh", ["--config", "c.yaml"], env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    words = calls(log, "docker")[0].split()
+    assert "GLOO_SOCKET_IFNAME=ib0" in words and "NCCL_SOCKET_IFNAME=ib0" in words
+    assert "--local-addr=10.9.9.1" in words and "--rdzv-conf=join_timeout=600,is_host=true" in words
+    assert "--rejoin-timeout=30" in words
 
 
 def test_docker_run_missing_data_dir(fakes, tmp_path):
