@@ -240,12 +240,14 @@ def _loop(cfg, ctx, log, data, model, train_model, step_fn, loss_fn, optimizer, 
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     timer = IntervalTimer()
     aug_gen = torch.Generator(device=device)
+    step_watch = distributed.SlowStepWatch(distributed.WorldInfo(ctx.rank, ctx.local_rank, ctx.world_size,
+                                                                 ctx.restart_count))
     train_model.train()
     while progress.step < stop_step:
         epoch_start, epoch_first_step = time.perf_counter(), progress.step
         batches = data.train.batches(progress.epoch, progress.step_in_epoch)
         while progress.step < stop_step and progress.step_in_epoch < steps_per_epoch:
-            wait_start = time.perf_counter()
+            wait_start = step_start = time.perf_counter()
             v1, v2 = next(batches)
             timer.data_wait_s += time.perf_counter() - wait_start
             aug_gen.manual_seed(hash((cfg.seed, ctx.rank, progress.step)) & 0x7FFF_FFFF_FFFF)
@@ -263,6 +265,9 @@ def _loop(cfg, ctx, log, data, model, train_model, step_fn, loss_fn, optimizer, 
             progress.step += 1
             progress.step_in_epoch += 1
             distributed.set_progress(progress.step)
+            slow = step_watch.observe(progress.step, time.perf_counter() - step_start)  # data + step, host time
+            if slow:
+                log.warn(slow)
             timer.steps += 1
             interval_end = progress.step % cfg.log_every_n_steps == 0 or progress.step == stop_step
             if interval_end:

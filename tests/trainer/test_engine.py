@@ -46,7 +46,7 @@ def _train(rank: int, world_size: int, overrides: list[str], steps: int = 3) -> 
     cfg = load_config(None, [*TINY, *overrides])
     ctx = DistContext(rank, rank, world_size, torch.device("cpu"), "gloo")
     model, train_model = engine.build_network(cfg, ctx, _Quiet())
-    optimizer = build_optimizer(model, cfg.optim, 0.5)
+    optimizer = build_optimizer(model, cfg.optim, 0.05)  # at 0.5 three steps are chaotic: 1e-7 apart -> 1e-2
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     n = cfg.batch_size // world_size
     for step in range(steps):
@@ -158,6 +158,7 @@ def test_final_probe_with_batchnorm_in_process_groups(distributed_run, tmp_path)
     """BN layers that hold a process group (groups of sync_bn_group_size ranks) cannot be deep-copied: the
     random-init reference of the final probe is rebuilt from the seed, so such a run reaches its table."""
     results = distributed_run(_run_with_probe, 2, str(tmp_path / "run"))
-    assert results[0]["step"] == 2
+    assert results[0]["step"] == results[1]["step"] == 2
+    assert set(results[0]) == {"step", "simclr", "random_init"} and set(results[1]) == {"step"}  # rank 0's table
     for row in ("simclr", "random_init"):
-        assert 0.0 <= results[0][row]["knn_top1"] <= 1.0 and results[0][row] == results[1][row]
+        assert set(results[0][row]) == {"linear_top1", "knn_top1"}
