@@ -207,8 +207,10 @@ def check_network(world: WorldInfo, backend: str, store: dist.Store) -> str | No
     address the host name resolves to; where that is a loopback address (Debian's hosts file maps the name to
     127.0.1.1) and the ranks run on several hosts, the other hosts' connections are refused: one node fails in
     seconds, the others after 5x dist_timeout_s. Every rank reads the same keys and so decides alike. NCCL
-    picks a non-loopback interface by itself: only gloo is checked."""
-    if backend != "gloo" or not _spans_nodes(world) or os.environ.get("GLOO_SOCKET_IFNAME"):
+    picks a non-loopback interface by itself, but a CUDA run also has a gloo group (the stop flag in
+    trainer/preemption.py): `backend` is checked the same way."""
+    del backend  # gloo either way (see above); kept for callers that know only the main backend
+    if not _spans_nodes(world) or os.environ.get("GLOO_SOCKET_IFNAME"):
         return None
     keys = [f"host/{r}" for r in range(world.world_size)]
     store.wait(keys)
