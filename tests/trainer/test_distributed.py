@@ -54,7 +54,7 @@ def test_ranks_agree_on_a_fresh_round_whatever_their_restart_counts():
     assert one_round([1, 1, 0]) == {0: 3, 1: 3, 2: 3}
 
 
-def test_rank_zero_names_the_ranks_that_did_not_join():
+def test_rank_zero_gives_up_when_ranks_do_not_join_in_time():
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True)
     with pytest.raises(TimeoutError, match=r"only 0 of the other 2 ranks joined round 1 within 1 s"):
         distributed._agreed_round(server, world(0, 3), datetime.timedelta(seconds=1))
