@@ -357,7 +357,7 @@ class SlowStepWatch:
     difference to the longest wait. Equal long waits mean the collective itself stalled (network?).
     """
 
-    def __init__(self, world: WorldInfo, factor: float = 4.0, min_steps: int = 10, window: int = 200,
+    def __init__(self, world: WorldInfo | DistContext, factor: float = 4.0, min_steps: int = 10, window: int = 200,
                  report_wait_s: float = 2.0):
         self.world, self.factor, self.min_steps, self.report_wait_s = world, factor, min_steps, report_wait_s
         self._times: collections.deque[float] = collections.deque(maxlen=window)
