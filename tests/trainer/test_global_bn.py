@@ -428,3 +428,30 @@ def test_benchmark_runs(distributed_run):
     assert set(results["layer_images_per_s"]) == {"layer_batchnorm", "layer_global", "layer_global_arithmetic"}
     assert all(rate > 0 for rate in results["layer_images_per_s"].values())
     assert results["model_time_global_over_batchnorm"] > 0
+
+
+def _rank_plain(rank: int, world_size: int) -> dict:
+    s = spec()
+    layer = GlobalBatchNorm(C, affine=False, track_running_stats=False)
+    x_full, r_full = full_batch(s, 0)
+    rows = rank_rows(s, rank)
+    x = x_full[rows].clone().requires_grad_()
+    y = layer(x)
+    (y * r_full[rows]).sum().backward()
+    layer.eval()  # no running statistics: eval normalizes with this rank's own batch, as nn.BatchNorm does
+    return {"y": y.detach(), "grad_x": x.grad, "y_eval": layer(x.detach())}
+
+
+def test_no_affine_no_running_statistics(distributed_run):
+    s = spec()
+    results = distributed_run(_rank_plain, 2)
+    x_full, r_full = full_batch(s, 0)
+    x = x_full.clone().requires_grad_()
+    want = nn.BatchNorm2d(C, affine=False, track_running_stats=False)
+    y = want(x)
+    (y * r_full).sum().backward()
+    for rank, got in enumerate(results):
+        rows = rank_rows(s, rank)
+        torch.testing.assert_close(got["y"], y.detach()[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["grad_x"], x.grad[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["y_eval"], want(x_full[rows]), atol=1e-5, rtol=1e-5)
