@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).parents[2]
 
 
+@pytest.mark.slow  # five benchmarks in a subprocess: about 2 minutes on 2 busy cores
 def test_tiny_run_writes_report_csv_plots_and_summary(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--device", "cpu", "--tiny", "--out", str(tmp_path),
                            "--only", "step,loss,optimizer,large_batch,end_to_end"], cwd=REPO, capture_output=True,
