@@ -45,7 +45,7 @@ from benchmarks.common import environment, init_one_process, interleaved_rates, 
 from benchmarks.run import PEAK_BF16_FLOPS
 
 REPO = Path(__file__).parents[1]
-TOTAL_BUDGET_S = 465  # the verdict within 8 minutes, start-up and the report included
+TOTAL_BUDGET_S = 455  # the verdict within 8 minutes (gpu.sh stops at 480 s): start-up and the report fit in the rest
 GOAL_END_TO_END_VIEWS_PER_S = 4800  # on an H200, ResNet-50 224 px bf16
 GOAL_AUGMENT_OVER_STEP = 10.0
 GOAL_PLAN_TOLERANCE = 0.15
@@ -61,7 +61,7 @@ SIZES = {
                 timed_steps=2, cached_timed_steps=1, device="cpu", amp="bf16"),
 }
 DRY_RUN_BUDGET_FACTOR = 2.5  # a shared CPU is slow: the dry run's limits are looser (it checks code, not speed)
-BUDGET_S = {"a_cuda_tests": 70, "b_step_modes": 160, "c_resume": 75, "d_memory_plan": 25, "e_host_syncs": 20,
+BUDGET_S = {"a_cuda_tests": 70, "b_step_modes": 150, "c_resume": 75, "d_memory_plan": 25, "e_host_syncs": 20,
             "f_throughput_mfu": 55, "g_end_to_end": 35, "h_global_bn_vs_sync_bn": 25}
 
 
