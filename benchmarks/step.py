@@ -70,8 +70,9 @@ def main(argv=None) -> None:
                      "(each rank takes cuda:LOCAL_RANK)")
     device = resolve_device(args.device, world.local_rank)
     # pick_device maps cuda to cuda:local_rank, so the resolved index goes in as local_rank
-    ctx = distributed.init(distributed.WorldInfo(world.rank, device.index or 0, world.world_size,
-                                                 world.restart_count, world.launcher_pid), device.type)
+    local_rank = device.index if device.type == "cuda" else world.local_rank
+    ctx = distributed.init(distributed.WorldInfo(world.rank, local_rank, world.world_size, world.restart_count,
+                                                 world.launcher_pid), device.type)
     try:
         result = measure(ctx, args.model, args.image_size, args.batch, args.amp, not args.no_channels_last,
                          args.rounds)
