@@ -7,7 +7,7 @@ import torch
 
 from benchmarks import common
 
-BENCHMARKS = ["run", "step", "large_batch", "loader", "loss", "optimizer", "augment", "ddp"]
+BENCHMARKS = ["run", "step", "large_batch", "loader", "loss", "optimizer", "augment", "ddp", "global_bn"]
 
 
 @pytest.fixture
