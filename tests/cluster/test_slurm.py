@@ -92,8 +92,9 @@ def test_killed_worker_inside_the_job_recovers(slurm, tmp_path, one_machine):
     job = submit(slurm, tmp_path, [], [f"output_dir={out}"])
     wait_for(lambda: any(int(p.stem.split("_")[1]) >= 4 for p in checkpoint.list_checkpoints(out)), 300,
              "a checkpoint at step 4")
+    # node B's torchrun: the process of its namespace whose command line has the rendezvous options
     agents = [int(pid) for pid in cluster.sh("ip", "netns", "pids", slurm.nodes[1].netns).stdout.split()
-              if "trainer.distributed" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+              if "--rdzv-backend=c10d" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
     assert len(agents) == 1, agents
     [worker] = children(agents[0])
     os.kill(worker, signal.SIGKILL)
