@@ -69,9 +69,9 @@ def build_network(cfg: Config, ctx: DistContext, log: RunLogger) -> tuple[nn.Mod
               gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
               # the cached step runs several forwards per step under no_sync, which a static graph forbids
               static_graph=cfg.step_mode != "cached",
-              # BN buffers are identical on every rank when every layer reduces over all ranks: nothing to send
-              # before each forward (the initial sync still makes every rank start from rank 0's)
-              forward_sync_buffers=not every_bn_global)
+              # BN buffers are identical on every rank when every layer reduces over all ranks (or there is one
+              # rank): nothing to send before each forward (the initial sync still starts every rank from rank 0's)
+              forward_sync_buffers=ctx.world_size > 1 and not every_bn_global)
     return model, (torch.compile(ddp) if cfg.compile else ddp)
 
 
