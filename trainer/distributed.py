@@ -393,8 +393,8 @@ class SlowStepWatch:
         elif longest > 0.5 * excess:
             tail = f"no rank was late: every rank waited {longest:.1f} s in a collective that stalled (network?)"
         else:
-            tail = ("no rank waited in the loss's collectives: every rank was slow (data, I/O), or DDP's gradient "
-                    "all-reduce or an asynchronous NCCL collective stalled")
+            tail = ("no rank waited in the loss's collectives: the time went to every rank's data or I/O, or to "
+                    "DDP's gradient all-reduce (network?) or an asynchronous NCCL collective")
         if silent:
             tail += f"; no report from rank {', '.join(map(str, silent))}"
         return f"{head}: {tail}"

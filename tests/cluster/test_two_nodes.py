@@ -3,6 +3,7 @@ a link outage, and Debian's hosts file; each run ends with the same parameters a
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,6 +132,30 @@ def test_link_outage_longer_than_dist_timeout_never_hangs(pair, tmp_path, one_ma
         assert final == {0: (STEPS, one_machine), 1: (STEPS, one_machine)}
     else:
         assert "dist_timeout_s=10" in "".join(text), "\n".join(t[-3000:] for t in text)
+
+
+def test_short_link_outage_is_logged_as_a_slow_step(pair, tmp_path):
+    """Bug: an outage shorter than dist_timeout_s stalled one step for many times its usual time and nothing was
+    logged. Now rank 0 warns naming the step, its time against the median, and where the time went."""
+    out = tmp_path / "out"
+    env = node_env()
+    procs = start(pair, tmp_path, [*RUN, "epochs=10", "dist_timeout_s=60", f"output_dir={out}"], [env, env])
+    try:  # the watch judges steps from the 10th on
+        wait_for(lambda: any(s >= 14 for s in checkpoint_steps(out)), 240, "a checkpoint at step 14", procs)
+        pair[0].link(up=False)
+        time.sleep(8)
+        pair[0].link(up=True)
+    except BaseException:
+        for proc in procs:
+            stop_group(proc)
+        raise
+    codes = finish(procs, 240)
+    text = logs(pair, tmp_path)
+    assert codes == [0, 0], "\n".join(t[-3000:] for t in text)
+    warnings = re.findall(r"WARNING: step (\d+) took ([\d.]+) s, (\d+)x the median ([\d.]+) s: (.*)", text[0])
+    assert warnings, text[0][-3000:]
+    assert any(float(took) >= 6 for _, took, _, _, _ in warnings), warnings
+    assert "WARNING: step" not in text[1]  # rank 0 (node A) reports for everyone
 
 
 def test_loopback_host_name_stops_at_start_naming_the_interface(pair, tmp_path):
