@@ -14,6 +14,8 @@ import torch
 
 from trainer import checkpoint
 
+pytestmark = pytest.mark.slow  # fault injection into live torchrun jobs
+
 REPO = Path(__file__).parents[2]
 RUN = ["-m", "trainer.main", "--config", "configs/quickstart.yaml", "dataset.name=synthetic",
        "dataset.synthetic_size=192", "dataset.input_shape=(16,16,3)", "batch_size=32", "epochs=4",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainer import checkpoint
@@ -58,6 +59,7 @@ def test_config_error_exits_before_anything_starts(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_end_to_end(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -77,6 +79,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert (out / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_a_prepared_beton(tmp_path):
     if importlib.util.find_spec("ffcv") is None:
         raise AssertionError("FFCV is missing: the test command installs it (bash launch/install.sh --ffcv)")
