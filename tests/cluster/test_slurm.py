@@ -87,6 +87,14 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path, one_machine):
     assert final == {0: (STEPS, one_machine), 1: (STEPS, one_machine)}
 
 
+def _cmdline(pid: str) -> str:
+    """A process's command line, empty for one that ended since it was listed."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_killed_worker_inside_the_job_recovers(slurm, tmp_path, one_machine):
     out = tmp_path / "out"
     job = submit(slurm, tmp_path, [], [f"output_dir={out}"])
@@ -94,7 +102,7 @@ def test_killed_worker_inside_the_job_recovers(slurm, tmp_path, one_machine):
              "a checkpoint at step 4")
     # node B's torchrun: the process of its namespace whose command line has the rendezvous options
     agents = [int(pid) for pid in cluster.sh("ip", "netns", "pids", slurm.nodes[1].netns).stdout.split()
-              if "--rdzv-backend=c10d" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+              if "--rdzv-backend=c10d" in _cmdline(pid)]
     assert len(agents) == 1, agents
     [worker] = children(agents[0])
     os.kill(worker, signal.SIGKILL)
