@@ -1,4 +1,5 @@
-"""`python -m trainer.export CHECKPOINT OUT.pt`: the backbone as a state_dict that torchvision's ResNet loads."""
+"""`python -m trainer.export CHECKPOINT OUT.pt`: the backbone as a state_dict that its ResNet loads (torchvision's, or
+trainer.small_nets' for the small digits networks)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,9 @@ def export_backbone(source: str, out: str) -> dict:
 
     `torchvision.models.resnet18().load_state_dict(torch.load(out), strict=False)` then reports only fc.* as
     missing. Runs trained with model.small_stem=true need the same stem: conv1 = Conv2d(3, 64, 3, 1, 1,
-    bias=False) and maxpool = Identity() before loading.
+    bias=False) and maxpool = Identity() before loading. The small networks of trainer.small_nets (model.base_model
+    resnet8 / resnet8_wide, the quickstart's) load into `trainer.small_nets.BACKBONES[name](small_stem)[0]` instead;
+    `python -m trainer.eval --checkpoint OUT.pt --base-model resnet8_wide` evaluates such an export.
     """
     weights = checkpoint.load_backbone_weights(source)
     checkpoint.atomic_save(weights, Path(out))
