@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import platform
 import re
 import subprocess
@@ -61,7 +62,7 @@ def init_one_process(device: str):
     return distributed.init(distributed.WorldInfo(0, dev.index or 0, 1, 0), dev.type)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo; platform.processor() is often empty on Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -78,7 +79,7 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     info = {"machine": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -118,3 +119,12 @@ def emit(report: dict, path: str | None = None) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
             f.write(text + "\n")
+
+
+def emit_with_summary(report: dict, out: str | None, name: str, summary_md: str) -> None:
+    """The JSON report and its markdown summary: <out>/<name>.json and <out>/<name>.md (printed either way)."""
+    folder = Path(out) if out else None
+    emit(report, str(folder / f"{name}.json") if folder else None)
+    if folder:
+        (folder / f"{name}.md").write_text(summary_md)
+    print(summary_md)

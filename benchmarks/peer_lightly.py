@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import emit, environment
+from benchmarks.common import cpu_model, emit_with_summary, environment
 from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -235,17 +235,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peer_lightly", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,11 +277,7 @@ def main(argv: list[str] | None = None) -> int:
               "pca": {k: mean(pca, k) for k in ("linear_top1", "knn_top1")},
               "random_init": {k: mean(random_init, k) for k in ("linear_top1", "knn_top1")},
               "summary": {text: summarize(rs) for text, rs in runs.items()}, "runs": runs}
-    out = Path(args.out) if args.out else None
-    emit(report, str(out / "peer_lightly.json") if out else None)
-    if out:
-        (out / "peer_lightly.md").write_text(markdown(report))
-    print(markdown(report))
+    emit_with_summary(report, args.out, "peer_lightly", markdown(report))
     return 0
 
 

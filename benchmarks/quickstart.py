@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import emit, environment
-from benchmarks.peer_lightly import cpu_model
+from benchmarks.common import cpu_model, emit_with_summary, environment
 from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                          "rounds": args.rounds},
               "results": {"layouts": rows, "faster": fast,
                           "speedup": rows[slow]["step_time_s"] / rows[fast]["step_time_s"]}}
-    out = Path(args.out) if args.out else None
-    emit(report, str(out / "quickstart.json") if out else None)
-    if out:
-        (out / "quickstart.md").write_text(markdown(report))
-    print(markdown(report))
+    emit_with_summary(report, args.out, "quickstart", markdown(report))
     return 0
 
 

@@ -110,21 +110,28 @@ def test_killed_agent_ends_the_job_naming_the_node(pair, tmp_path):
     assert "node lost: simclr-node-b" in text and "did not rejoin within 15 s" in text, text[-3000:]
 
 
+def link_outage(pair, procs, out, after_step: int, seconds: float) -> None:
+    """Once a checkpoint at `after_step` exists, node A's link goes down for `seconds`; the jobs are stopped if
+    anything goes wrong on the way."""
+    try:
+        wait_for(lambda: any(s >= after_step for s in checkpoint_steps(out)), 240,
+                 f"a checkpoint at step {after_step}", procs)
+        pair[0].link(up=False)
+        time.sleep(seconds)
+        pair[0].link(up=True)
+    except BaseException:
+        for proc in procs:
+            stop_group(proc)
+        raise
+
+
 def test_link_outage_longer_than_dist_timeout_never_hangs(pair, tmp_path, one_machine):
     """The link goes down for 30 s with dist_timeout_s=10: the job recovers through a restart (same parameters
     as without the outage) or ends naming the timeout, in bounded time; it never hangs."""
     out = tmp_path / "out"
     env = node_env(MAX_RESTARTS="1", NODE_LOST_TIMEOUT_S="60")
     procs = start(pair, tmp_path, [*RUN, "dist_timeout_s=10", f"output_dir={out}"], [env, env])
-    try:
-        wait_for(lambda: any(s >= 4 for s in checkpoint_steps(out)), 240, "a checkpoint at step 4", procs)
-        pair[0].link(up=False)
-        time.sleep(30)
-        pair[0].link(up=True)
-    except BaseException:
-        for proc in procs:
-            stop_group(proc)
-        raise
+    link_outage(pair, procs, out, after_step=4, seconds=30)
     codes = finish(procs, 240)
     text = logs(pair, tmp_path)
     if codes == [0, 0]:
@@ -140,15 +147,7 @@ def test_short_link_outage_is_logged_as_a_slow_step(pair, tmp_path):
     out = tmp_path / "out"
     env = node_env()
     procs = start(pair, tmp_path, [*RUN, "epochs=10", "dist_timeout_s=60", f"output_dir={out}"], [env, env])
-    try:  # the watch judges steps from the 10th on
-        wait_for(lambda: any(s >= 14 for s in checkpoint_steps(out)), 240, "a checkpoint at step 14", procs)
-        pair[0].link(up=False)
-        time.sleep(8)
-        pair[0].link(up=True)
-    except BaseException:
-        for proc in procs:
-            stop_group(proc)
-        raise
+    link_outage(pair, procs, out, after_step=14, seconds=8)  # the watch judges steps from the 10th on
     codes = finish(procs, 240)
     text = logs(pair, tmp_path)
     assert codes == [0, 0], "\n".join(t[-3000:] for t in text)
