@@ -1,5 +1,6 @@
 """Run logging across a resume: records after the resumed step leave metrics.jsonl and TensorBoard."""
 import json
+import time
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -13,6 +14,9 @@ def test_resume_drops_the_records_it_will_write_again(tmp_path):
     log.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "st')  # torn by a crash mid-write
+    # a resume is a later process: TensorBoard orders event files by name, whose first field is the second it was
+    # made (in one process within one second the name's counter decides, and "10" sorts before "9")
+    time.sleep(1.1)
     log = RunLogger(str(tmp_path), enabled=True)
     log.resumed(3)  # the checkpoint was at step 3; steps 4 and 5 are trained (and logged) again
     log.log(4, {"loss": 40.0})
