@@ -29,7 +29,8 @@ from trainer.probe import knn_classify, linear_probe, markdown_table, pca_featur
 from trainer.step import resolve_amp
 
 ARCH = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50",
-        "resnet8": "ResNet-8 (32-64-128)", "resnet8_wide": "ResNet-8 (64-128-256)"}
+        "resnet8": "ResNet-8 (32-64-128)", "resnet8_wide": "ResNet-8 (64-128-256)",
+        "resnet10": "ResNet-10 (64-128-256-512)"}
 
 
 # ----------------------------------------------------------------------------- data

@@ -79,4 +79,5 @@ def _builder(widths: tuple[int, ...]) -> Callable[[bool], tuple[nn.Module, int]]
 BACKBONES: dict[str, Callable[[bool], tuple[nn.Module, int]]] = {
     "resnet8": _builder((32, 64, 128)),  # 3 stages, 128 features: ~1/12 of ResNet-18's work at 16 px
     "resnet8_wide": _builder((64, 128, 256)),  # twice the width, ~4x resnet8's work
+    "resnet10": _builder((64, 128, 256, 512)),  # ResNet-18's widths, one block per stage, 512 features
 }
