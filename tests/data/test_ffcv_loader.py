@@ -48,6 +48,7 @@ def same(batches, others):
                                                for (a1, a2), (b1, b2) in zip(batches, others))
 
 
+@pytest.mark.slow  # several FFCV epochs
 def test_views_outlive_later_batches_and_epochs(id_beton):
     """FFCV's buffers are reused across batches and (here) epochs; the views handed out are never overwritten,
     and an epoch left unfinished for another stops with an error instead of yielding another's pixels."""
@@ -69,6 +70,7 @@ def test_views_have_the_shape_and_differ(digits_loader, digits_beton):
     assert (v1 != v2).float().mean() > 0.3  # independent crops of the same images
 
 
+@pytest.mark.slow  # several FFCV epochs
 def test_seed_fixes_batches_across_runs_and_thread_counts(digits_loader, digits_beton):
     again = FFCVTwoViewLoader(digits_beton, 32, 16, seed=3, num_workers=2)
     for (a1, a2), (b1, b2) in zip(take(digits_loader), take(again)):
@@ -202,6 +204,7 @@ def test_reduced_decode_keeps_random_crops_where_they_were(tmp_path):
     assert len(lefts) > 3  # the crops really are at different places
 
 
+@pytest.mark.slow  # several FFCV epochs
 def test_loader_keeps_the_callers_torch_thread_count(id_beton):
     """FFCV sets torch's thread count when imported (to 1) and at each epoch; a fresh process shows both."""
     import subprocess

@@ -13,6 +13,7 @@ from trainer.finetune import balanced_subset, finetune
 from trainer.model import build_backbone, build_model
 
 
+@pytest.mark.slow  # trains and evaluates a model
 def test_exported_backbone_evaluates_into_the_seed_table(tmp_path):
     torch.manual_seed(0)
     model = build_model(ModelConfig(small_stem=True, out_dim=16))
@@ -43,6 +44,7 @@ def test_balanced_subset():
     assert counts == [10, 5, 1] and len(set(subset.tolist())) == len(subset)
 
 
+@pytest.mark.slow  # trains and evaluates a model
 def test_finetune_learns_digits_from_ten_percent_of_labels():
     from data.digits import load_digits_uint8
 
@@ -101,6 +103,7 @@ def test_validation_split_is_carved_from_the_training_part_only():
         labeled_splits("stl10", "/nonexistent", 96, seed=0, split="validation")
 
 
+@pytest.mark.slow  # trains and evaluates a model
 def test_validation_evaluation_writes_its_own_files(tmp_path):
     torch.manual_seed(0)
     backbone, _ = build_backbone("resnet8", small_stem=True)
