@@ -121,6 +121,18 @@ def emit(report: dict, path: str | None = None) -> None:
             f.write(text + "\n")
 
 
+def run_trainer(cmd: list[str], threads: int, out: Path) -> tuple[list[dict], float]:
+    """Runs a training command (`python -m trainer.main ...` or torchrun) from the checkout with OMP_NUM_THREADS
+    = threads; returns the records of out/metrics.jsonl and the wall time in seconds (error: its output's tail)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True)
+    wall_s = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], wall_s
+
+
 def emit_with_summary(report: dict, out: str | None, name: str, summary_md: str) -> None:
     """The JSON report and its markdown summary: <out>/<name>.json and <out>/<name>.md (printed either way)."""
     folder = Path(out) if out else None

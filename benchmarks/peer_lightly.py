@@ -23,10 +23,7 @@ The report (JSON + markdown) gives each variant's top-1 per seed, mean and range
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import cpu_model, emit_with_summary, environment
+from benchmarks.common import cpu_model, emit_with_summary, environment, run_trainer
 from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,15 +69,9 @@ def pca_rows(labeled, cfg) -> dict:
 def run_project(config: str, overrides: list[str], workdir: Path, threads: int) -> dict:
     """One `python -m trainer.main` process; its final probe record (the held-out test split) and timing."""
     out = workdir / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "trainer.main", "--config", config, f"output_dir={out}", "eval.knn_monitor=false",
            *overrides]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    wall_s = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records, wall_s = run_trainer(cmd, threads, out)
     final = next(r for r in records if r["kind"] == "final")
     train_s = sum(r["epoch_time_s"] for r in records if r["kind"] == "epoch")
     steps = final["step"]

@@ -13,16 +13,12 @@ at each rate (steps x seconds per step), and the CPU model, as JSON and markdown
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.common import cpu_model, emit_with_summary, environment
+from benchmarks.common import cpu_model, emit_with_summary, environment, run_trainer
 from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,13 +40,7 @@ def run_layout(config: str, overrides: list[str], processes: int, threads: int, 
     else:
         torchrun = Path(sys.executable).with_name("torchrun")
         cmd = [str(torchrun), "--standalone", f"--nproc_per_node={processes}", "-m", "trainer.main", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    wall_s = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records, wall_s = run_trainer(cmd, threads, out)
     train = [r for r in records if r["kind"] == "train"][1:]  # the first interval holds the warm-up
     if not train:
         raise RuntimeError(f"{steps} steps at log_every_n_steps={log_every} left no interval after the first")
