@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from data.augment import random_resized_crop_flip
+from data.seeding import position_seed
 
 
 class _Sized:
@@ -60,7 +61,7 @@ class MemoryTwoViewLoader:
             chosen = self.indices[order[step * self.batch_size:(step + 1) * self.batch_size]]
             batch = self.images[chosen].to(self.device, non_blocking=True)
             g = torch.Generator(device=batch.device)
-            g.manual_seed(hash((self.seed, self.rank, epoch, step)) & 0x7FFF_FFFF_FFFF)
+            g.manual_seed(position_seed(self.seed, self.rank, epoch, step))
             views = [random_resized_crop_flip(batch, self.image_size, generator=g, scale=self.scale,
                                               flip_prob=self.flip_prob) for _ in range(2)]
             yield views[0], views[1]

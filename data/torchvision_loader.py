@@ -8,6 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from data.sources import as_rgb_array
+from data.seeding import position_seed
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -60,7 +61,7 @@ class _TwoViews(Dataset):
         else:
             chw = torch.from_numpy(as_rgb_array(image)).permute(2, 0, 1)
         with torch.random.fork_rng(devices=[]):  # crops from (seed, epoch, dataset index): any worker count
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)  # int tuples hash stably
+            torch.manual_seed(position_seed(self.seed, epoch, index))
             return self.transform(chw), self.transform(chw)
 
 

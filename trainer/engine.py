@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data.seeding import position_seed
 from trainer import checkpoint, distributed
 from trainer.config import Config, save_config
 from trainer.distributed import DistContext
@@ -250,7 +251,7 @@ def _loop(cfg, ctx, log, data, model, train_model, step_fn, loss_fn, optimizer, 
             wait_start = step_start = time.perf_counter()
             v1, v2 = next(batches)
             timer.data_wait_s += time.perf_counter() - wait_start
-            aug_gen.manual_seed(hash((cfg.seed, ctx.rank, progress.step)) & 0x7FFF_FFFF_FFFF)
+            aug_gen.manual_seed(position_seed(cfg.seed, ctx.rank, progress.step))
             x1 = data.augment(v1.to(device, non_blocking=True), generator=aug_gen)
             x2 = data.augment(v2.to(device, non_blocking=True), generator=aug_gen)
             if cfg.model.channels_last:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from data.seeding import position_seed
 from trainer import distributed
 from trainer.features import extract_features
 from trainer.inputs import LabeledSplit, normalize
@@ -20,7 +21,7 @@ def validation_loss(model: nn.Module, loader, augment, loss_fn, device, amp_dtyp
     steps = 0
     g = torch.Generator(device=device)
     for step, (v1, v2) in enumerate(loader.batches(epoch)):
-        g.manual_seed(hash((seed, distributed.rank(), epoch, step, 1)) & 0x7FFF_FFFF_FFFF)
+        g.manual_seed(position_seed(seed, distributed.rank(), epoch, step, 1))
         x = torch.cat([augment(v1.to(device), generator=g), augment(v2.to(device), generator=g)])
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             z = model(x)
