@@ -7,8 +7,8 @@ lightly (a benchmark-only dependency: `pip install .[peer]`, never the trainer's
 SimCLRTransform on PIL images in a 2-worker DataLoader, one process, as its examples do. Everything else is the
 same for both: the network (trainer.model.build_model, seeded alike), the training images (the digits pool minus
 the held-out test split and dataset.valid_size, as trainer.inputs builds them), batch, temperature, the learning-
-rate schedule (trainer.optim.lr_at), and the evaluation (trainer.monitor.probe_rows: linear probe and centered
-kNN of the backbone on the held-out test split, next to the random init; PCA rows from trainer.probe).
+rate schedule (trainer.optim.lr_at), and the evaluation (trainer.evaluation.monitor.probe_rows: linear probe and centered
+kNN of the backbone on the held-out test split, next to the random init; PCA rows from trainer.evaluation.probe).
 
 A variant is a name with optional settings after colons:
   project[:key=value...]   `python -m trainer.main` with the config, the epochs and these overrides
@@ -43,7 +43,7 @@ def pretrain_and_labeled(cfg):
     from data.digits import load_digits_uint8
     from data.memory_loader import split_indices
     from trainer.inputs import LabeledSplit
-    from trainer.probe import stratified_split
+    from trainer.evaluation.probe import stratified_split
 
     if cfg.dataset.name != "digits":
         raise SystemExit("the peer comparison runs on digits (dataset.name=digits)")
@@ -55,7 +55,7 @@ def pretrain_and_labeled(cfg):
 
 
 def pca_rows(labeled, cfg) -> dict:
-    from trainer.probe import knn_classify, linear_probe, pca_features
+    from trainer.evaluation.probe import knn_classify, linear_probe, pca_features
 
     raw_tr = labeled.train_images.flatten(1).float() / 255
     raw_te = labeled.test_images.flatten(1).float() / 255
@@ -123,7 +123,7 @@ def run_lightly(cfg, images, train_idx, labeled, options: dict, threads: int) ->
     from lightly.utils.lars import LARS as LightlyLARS
 
     from trainer.model import build_model
-    from trainer.monitor import probe_rows
+    from trainer.evaluation.monitor import probe_rows
     from trainer.optim import LARS, lr_at, param_groups
 
     torch.set_num_threads(threads)

@@ -223,7 +223,7 @@ def _run(cfg: Config, ctx: DistContext, log: RunLogger) -> dict:
     print(f"[rank {ctx.rank}] step {progress.step}: parameter checksum {checksum:.12e}", flush=True)
     results = {"step": progress.step, "checksum": checksum}
     if cfg.eval.final_probe and data.labeled is not None:
-        from trainer.monitor import probe_rows
+        from trainer.evaluation.monitor import probe_rows
         initial_backbone = random_init_backbone(cfg, ctx.device)
         results.update(probe_rows(model.backbone, initial_backbone, data.labeled, ctx.device,
                                   cfg.eval.knn_k, cfg.eval.knn_temperature, cfg.seed))
@@ -352,7 +352,7 @@ class _Rate:
 def _end_of_epoch(cfg, ctx, log, data, model, loss_fn, amp_dtype, progress, rate: _Rate) -> None:
     scalars = {"epoch_time_s": rate.seconds}
     if progress.epoch % cfg.eval_every_n_epochs == 0:
-        from trainer.monitor import backbone_knn, validation_loss
+        from trainer.evaluation.monitor import backbone_knn, validation_loss
         if data.valid is not None:
             scalars["valid_loss"], scalars["valid_top1"] = validation_loss(
                 model, data.valid, data.augment, loss_fn, ctx.device, amp_dtype, cfg.seed, progress.epoch)

@@ -10,7 +10,7 @@ from data.digits import load_digits_uint8, synthetic_images
 from data.memory_loader import MemoryTwoViewLoader, split_indices
 from trainer.config import Config
 from trainer.distributed import DistContext
-from trainer.probe import stratified_split
+from trainer.evaluation.probe import stratified_split
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -7,9 +7,9 @@ import torch
 
 from trainer import checkpoint
 from trainer.config import ModelConfig
-from trainer.eval import main as eval_main
+from trainer.evaluation.evaluate import main as eval_main
 from trainer.export import export_backbone
-from trainer.finetune import balanced_subset, finetune
+from trainer.evaluation.finetune import balanced_subset, finetune
 from trainer.model import build_backbone, build_model
 
 
@@ -63,7 +63,7 @@ def test_imagefolder_protocol_center_crops_the_border_away(tmp_path):
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
-    from trainer.eval import labeled_splits
+    from trainer.evaluation.evaluate import labeled_splits
 
     framed = np.full((48, 64, 3), 255, dtype=np.uint8)
     framed[:2], framed[-2:], framed[:, :2], framed[:, -2:] = (255, 0, 0), (255, 0, 0), (255, 0, 0), (255, 0, 0)
@@ -74,7 +74,7 @@ def test_imagefolder_protocol_center_crops_the_border_away(tmp_path):
     image, label = train[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and label == 0
     assert image[1:].min() > 200  # no red frame left: green and blue stay white everywhere
-    from trainer.eval import _Resized
+    from trainer.evaluation.evaluate import _Resized
     whole, _ = _Resized(ImageFolder(str(tmp_path / "train")), 32)[0]
     assert whole[1, 0].float().mean() < 200  # without the margin the top rows keep the frame
 
@@ -83,8 +83,8 @@ def test_validation_split_is_carved_from_the_training_part_only():
     """--split validation: a stratified 20% of the training part stands in for the test split, which is left
     out entirely (choosing a recipe there cannot see a test image, labeled or not)."""
     from data.digits import load_digits_uint8
-    from trainer.eval import labeled_splits
-    from trainer.probe import stratified_split
+    from trainer.evaluation.evaluate import labeled_splits
+    from trainer.evaluation.probe import stratified_split
 
     images, labels = load_digits_uint8(8)
     train_idx, test_idx = stratified_split(labels, 0.3, seed=5)

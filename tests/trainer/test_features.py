@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from trainer.features import extract_features, shard_bounds
+from trainer.evaluation.features import extract_features, shard_bounds
 
 
 def model():

@@ -7,7 +7,7 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from trainer.probe import knn_classify, knn_scores, linear_probe, markdown_table, pca_features, result_row
+from trainer.evaluation.probe import knn_classify, knn_scores, linear_probe, markdown_table, pca_features, result_row
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import torch.nn as nn
 
 from data.seeding import position_seed
 from trainer import distributed
-from trainer.features import extract_features
+from trainer.evaluation.features import extract_features
 from trainer.inputs import LabeledSplit, normalize
-from trainer.probe import knn_classify, linear_probe
+from trainer.evaluation.probe import knn_classify, linear_probe
 
 
 @torch.no_grad()
