@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Helpers sourced by the launchers (single_node.sh, multi_node.sh, slurm.sbatch); not run on its own.
+# Helpers sourced by the launchers (single_node.sh, multi_node.sh, slurm.sbatch, docker_run.sh); not run on its own.
 # The sourcing script sets repo_dir (the checkout) and launcher (its own name, for error messages).
 
 # Visible GPUs: CUDA_VISIBLE_DEVICES wins (a scheduler may have narrowed it), then nvidia-smi.
@@ -29,6 +29,20 @@ find_torchrun() {
     echo "${launcher:-launch}: torchrun not found: run 'bash launch/install.sh' or set TORCHRUN" >&2
     return 1
   fi
+}
+
+# How torchrun answers a crash and a stop signal, the same for every launcher, in the array torchrun_signal_flags.
+# $1: restarts of the worker group after a crash (MAX_RESTARTS wins; each restart resumes from the newest
+# checkpoint); $2: seconds the workers get to checkpoint after a stop signal before SIGKILL (SHUTDOWN_TIMEOUT_S
+# wins). SIGUSR1 (SLURM's notice before the time limit) is not among the signals torchrun forwards by default:
+# without it in the list a USR1 would kill torchrun instead of reaching the workers, which checkpoint on it.
+# shellcheck disable=SC2034,SC2054  # the array is for the sourcing script; the commas are torchrun's list
+set_torchrun_signal_flags() {
+  torchrun_signal_flags=(
+    --max-restarts="${MAX_RESTARTS:-$1}"
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+    --shutdown-timeout="${SHUTDOWN_TIMEOUT_S:-$2}"
+  )
 }
 
 # The command that starts this node's agent, in the array agent_cmd: torchrun through `python -m

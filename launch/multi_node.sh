@@ -61,6 +61,7 @@ gpus=$(gpu_count)
 nproc_per_node="${NPROC:-$((gpus > 0 ? gpus : 1))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 agent_command || exit 2
+set_torchrun_signal_flags 3 120  # defaults: 3 restarts, 120 s to checkpoint
 export_socket_ifname
 extra_args=()
 if [ -n "${NODE_RANK:-}" ]; then
@@ -84,7 +85,5 @@ exec "${agent_cmd[@]}" \
   --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT:-29500}" \
   --rdzv-id="${RDZV_ID:-simclr}" \
   --rdzv-conf="$rdzv_conf" \
-  --max-restarts="${MAX_RESTARTS:-3}" \
-  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
-  --shutdown-timeout="${SHUTDOWN_TIMEOUT_S:-120}" \
+  "${torchrun_signal_flags[@]}" \
   -m trainer.main "$@"

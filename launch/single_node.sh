@@ -40,10 +40,7 @@ else
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((cores / nproc_per_node > 0 ? cores / nproc_per_node : 1))}"
 fi
 torchrun_bin=$(find_torchrun)
+set_torchrun_signal_flags 0 120  # defaults: no restart, 120 s to checkpoint
 
-# SIGUSR1 is not among the signals torchrun forwards by default; without it a USR1 would kill torchrun.
-exec "$torchrun_bin" \
-  --max-restarts="${MAX_RESTARTS:-0}" \
-  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
-  --shutdown-timeout="${SHUTDOWN_TIMEOUT_S:-120}" \
+exec "$torchrun_bin" "${torchrun_signal_flags[@]}" \
   --standalone --nproc_per_node="$nproc_per_node" -m trainer.main "$@"
