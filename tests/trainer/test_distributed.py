@@ -1,12 +1,9 @@
-"""trainer.distributed without torchrun: the agreed round id, the loopback check, the heartbeat report, the slow-step
-watch (fed times, and on two gloo ranks where one is late) and the bounded rejoin."""
+"""trainer.distributed: the collectives on two gloo ranks against one process, the process group's error report,
+and the slow-step watch (fed times, and on two gloo ranks where one is late)."""
 from __future__ import annotations
 
-import datetime
 import re
-import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,109 +18,61 @@ def world(rank: int = 0, size: int = 1, restarts: int = 0) -> WorldInfo:
     return WorldInfo(rank=rank, local_rank=0, world_size=size, restart_count=restarts)
 
 
-# --- the round id -----------------------------------------------------------------------------------------------
+# --- the collectives against one process ------------------------------------------------------------------------
 
-def test_ranks_agree_on_a_fresh_round_whatever_their_restart_counts():
-    """torchrun's agents count restarts per node: the ranks of one round see different counts. They must still
-    use the same, fresh key prefix, also when a dead round left its keys behind."""
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True)
-    timeout = datetime.timedelta(seconds=30)
-    server.set("simclr/ask/1", "stale-token-of-a-dead-round")  # asked, never answered: its rank died
-    server.set("simclr/ask/2", "another-stale-token")
-
-    def one_round(restart_counts):
-        got, errors = {}, []
-
-        def rank_main(r):
-            try:
-                store = dist.TCPStore("127.0.0.1", server.port, is_master=False, timeout=timeout)
-                got[r] = distributed._agreed_round(store, world(r, 3, restart_counts[r]), timeout)
-            except Exception as err:  # noqa: BLE001 - reported below
-                errors.append(err)
-
-        threads = [threading.Thread(target=rank_main, args=(r,)) for r in (2, 1, 0)]  # rank 0 comes last
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors and len(got) == 3, errors
-        return got
-
-    assert one_round([0, 0, 0]) == {0: 1, 1: 1, 2: 1}
-    assert one_round([0, 1, 0]) == {0: 2, 1: 2, 2: 2}  # node B restarted, node A did not
-    assert one_round([1, 1, 0]) == {0: 3, 1: 3, 2: 3}
+def rank_rows(rank: int) -> torch.Tensor:
+    return torch.randn(3, 4, generator=torch.Generator().manual_seed(10 + rank))
 
 
-def test_rank_zero_gives_up_when_ranks_do_not_join_in_time():
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True)
-    with pytest.raises(TimeoutError, match=r"only 0 of the other 2 ranks joined round 1 within 1 s"):
-        distributed._agreed_round(server, world(0, 3), datetime.timedelta(seconds=1))
+def rank_weights(rank: int) -> torch.Tensor:
+    return torch.randn(4, 5, generator=torch.Generator().manual_seed(20 + rank))
 
 
-# --- the loopback check -----------------------------------------------------------------------------------------
-
-def host_store(*hosts: str) -> dist.Store:
-    store = dist.HashStore()
-    for r, host in enumerate(hosts):
-        store.set(f"host/{r}", host)
-    return store
+def rank_loss(rank: int, gathered: torch.Tensor) -> torch.Tensor:
+    """Each rank's own loss of every rank's rows (nonlinear, different weights per rank), as NT-Xent is."""
+    return (gathered @ rank_weights(rank)).tanh().square().sum() * (rank + 1)
 
 
-def test_loopback_host_name_on_several_hosts_names_the_interface_variables(monkeypatch):
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    store = host_store("node-a 10.0.0.1", "node-b 127.0.1.1")
-    problem = distributed.check_network(world(0, 2), "gloo", store)
-    assert problem is not None
-    assert "host name 'node-b' resolves to 127.0.1.1" in problem and "node-a" not in problem
-    assert "GLOO_SOCKET_IFNAME" in problem and "NCCL_SOCKET_IFNAME" in problem and "SOCKET_IFNAME=eth0" in problem
-    unresolved = distributed.check_network(world(1, 2), "gloo", host_store("node-a nothing", "node-b 10.0.0.2"))
-    assert "host name 'node-a' resolves to nothing" in unresolved
-    # a CUDA run (NCCL) still has a gloo group for its stop flag: the same check
-    assert distributed.check_network(world(0, 2), "nccl", store) == problem
+def _collectives(rank: int, size: int) -> dict:
+    x = rank_rows(rank).requires_grad_()
+    gathered = distributed.gather_with_grad(x)
+    rank_loss(rank, gathered).backward()
+    local = rank_rows(rank)
+    mean, biggest = distributed.all_reduce_mean(local), distributed.all_reduce_max(local)
+    return {"gathered": gathered.detach(), "grad": x.grad, "mean": mean, "max": biggest,
+            "input_kept": torch.equal(local, rank_rows(rank))}
 
 
-@pytest.mark.parametrize("case", ["one host", "interface set", "one node"])
-def test_loopback_host_name_is_fine_where_it_cannot_matter(monkeypatch, case):
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2" if case == "one node" else "1")
-    hosts = ("vm 127.0.1.1", "vm 127.0.1.1") if case == "one host" else ("a 127.0.1.1", "b 127.0.1.1")
-    if case == "interface set":
-        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
-    assert distributed.check_network(world(0, 2), "gloo", host_store(*hosts)) is None
+def test_collectives_on_two_ranks_equal_one_process():
+    """gather_with_grad forward is the rows of every rank in rank order; its backward gives each rank the gradient
+    of the sum of all ranks' losses (what one process computes on the whole batch) for its own rows."""
+    results = run_distributed(_collectives, 2, timeout_s=120)
+    whole = torch.cat([rank_rows(0), rank_rows(1)]).requires_grad_()
+    sum(rank_loss(r, whole) for r in range(2)).backward()
+    for r, got in enumerate(results):
+        torch.testing.assert_close(got["gathered"], whole.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(got["grad"], whole.grad[3 * r:3 * r + 3], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got["mean"], (rank_rows(0) + rank_rows(1)) / 2, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got["max"], torch.maximum(rank_rows(0), rank_rows(1)), rtol=0, atol=0)
+        assert got["input_kept"]  # the reductions work on a copy
+    assert not torch.allclose(results[0]["grad"], torch.autograd.grad(rank_loss(0, whole), whole)[0][:3])
 
 
-def test_host_and_address_is_this_hosts_name():
-    import socket
-    name, addr = distributed._host_and_address().split()
-    assert name == socket.gethostname() and addr
+def test_collectives_are_the_identity_without_a_process_group():
+    x = rank_rows(0).requires_grad_()
+    assert distributed.world_size() == 1 and distributed.rank() == 0
+    assert distributed.gather_with_grad(x) is x
+    assert distributed.all_reduce_mean(x) is x and distributed.all_reduce_max(x) is x
 
 
-# --- the heartbeat report ---------------------------------------------------------------------------------------
-
-class SlowStore:
-    """A store whose reads take `delay_s` (a busy or far store); heartbeats stamped when the read completes."""
-
-    def __init__(self, delay_s: float):
-        self.delay_s = delay_s
-
-    def check(self, keys):
-        return True
-
-    def get(self, key):
-        time.sleep(self.delay_s)
-        if key.startswith("host/"):
-            return b"node-x 10.0.0.9"
-        return f"{time.time():.3f} 7".encode()
-
-
-def test_heartbeat_age_is_read_after_the_store_read(monkeypatch):
-    """Bug: the report read the clock before store reads that can block, printing 'last heartbeat -12 s ago'."""
-    monkeypatch.setattr(distributed, "_STORE", SlowStore(1.2))
-    report = distributed.progress_report(world(0, 2))
-    ages = [int(a) for a in re.findall(r"last heartbeat (-?\d+) s ago", report)]
-    assert len(ages) == 2 and all(0 <= a <= 1 for a in ages), report
-    assert "rank 1 on node-x: step 7" in report
+def test_process_group_names_the_failing_rank_and_ends_the_group(capsys):
+    with pytest.raises(ValueError, match="boom"):
+        with distributed.process_group(world(), "cpu", timeout_s=60) as ctx:
+            assert (ctx.rank, ctx.world_size, ctx.backend, ctx.device) == (0, 1, "gloo", torch.device("cpu"))
+            assert dist.is_initialized()
+            raise ValueError("boom")
+    assert not dist.is_initialized()
+    assert capsys.readouterr().err == "[rank 0] failed: ValueError: boom\n"
 
 
 # --- the slow-step watch ----------------------------------------------------------------------------------------
@@ -206,33 +155,3 @@ def _file_store_path(tmp_path, monkeypatch):
     monkeypatch.setenv("SLOW_STEP_STORE", str(tmp_path / "store"))
     yield
     distributed._STORE = None
-
-
-# --- the bounded rejoin -----------------------------------------------------------------------------------------
-
-def test_bounded_rejoin_names_the_node_that_did_not_come_back(monkeypatch):
-    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
-    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
-
-    seen = {}
-
-    def original(self):
-        seen["join_timeout"] = self._settings.timeout._join
-        self._state_holder.state = SimpleNamespace(participants={a: 0}, wait_list=set(), complete=False)
-        raise RendezvousTimeoutError("timed out")
-
-    monkeypatch.setattr(rdzv.DynamicRendezvousHandler, "next_rendezvous", original)
-    distributed.bound_rejoin(42)
-    a, b = rdzv._NodeDesc("node-a", 11, 0), rdzv._NodeDesc("node-b", 22, 0)
-    handler = SimpleNamespace(_this_node=a, _settings=SimpleNamespace(timeout=SimpleNamespace(
-        _join=datetime.timedelta(seconds=600))), _state_holder=SimpleNamespace(state=SimpleNamespace(
-            participants={a: 0, b: 1}, wait_list=set(), complete=True)))
-    with pytest.raises(RendezvousTimeoutError, match=r"node lost: node-b \(torchrun pid 22\) of the last round "
-                                                     r"did not rejoin within 42 s"):
-        rdzv.DynamicRendezvousHandler.next_rendezvous(handler)
-    assert seen["join_timeout"] == datetime.timedelta(seconds=42)
-    assert handler._settings.timeout._join == datetime.timedelta(seconds=600)  # the first join's is kept
-    handler._state_holder.state = SimpleNamespace(participants={}, wait_list=set(), complete=False)
-    with pytest.raises(RendezvousTimeoutError, match="^timed out$"):  # a first join: torchrun's own timeout
-        rdzv.DynamicRendezvousHandler.next_rendezvous(handler)
-    assert seen["join_timeout"] == datetime.timedelta(seconds=600)
