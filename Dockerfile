@@ -1,12 +1,12 @@
 # SimCLR trainer on CUDA GPUs.
 #
 #   docker build -t simclr-trainer . && bash launch/docker_run.sh --config configs/stl10_r18.yaml
-# (docker_run.sh mounts ./data at /data and its .beton files under /workspace/data/, ./runs at /workspace/runs.)
-# or by hand (what docker_run.sh runs, less the environment pass-through):
+# (docker_run.sh mounts the one data folder, $SIMCLR_DATA or ./datasets, read-only at /workspace/datasets, where
+# the configs' datasets/<name>/... paths point, and ./runs at /workspace/runs; the data are never in the image.)
+# or by hand (what docker_run.sh runs, less the environment pass-through and torchrun's signal flags):
 #   docker run --rm --init --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
-#     -v "$PWD/data:/data" -v "$PWD/runs:/workspace/runs" simclr-trainer \
-#     torchrun --standalone --nproc_per_node=gpu -m trainer.main --config configs/stl10_r18.yaml \
-#     dataset.path=/data/stl10_train_unlabeled.beton
+#     -v "$PWD/datasets:/workspace/datasets:ro" -v "$PWD/runs:/workspace/runs" simclr-trainer \
+#     torchrun --standalone --nproc_per_node=gpu -m trainer.main --config configs/stl10_r18.yaml
 # Without arguments the container runs the CPU/GPU quickstart (scikit-learn's digits, no data needed).
 #
 # Base image: the official PyTorch image of the pinned torch, so the install below keeps the image's torch and

@@ -1,4 +1,11 @@
-"""`python -m data.prepare`: a labeled image source -> an FFCV .beton (image + label), written atomically."""
+"""`python -m data.prepare`: a labeled image source -> an FFCV .beton (image + label), written atomically.
+
+    python -m data.prepare --dataset stl10 --split train+unlabeled --out datasets/stl10/train_unlabeled.beton --download
+    python -m data.prepare --dataset imagefolder --data-dir datasets/imagenet/train --out datasets/imagenet/train.beton
+
+Paths starting with datasets/ are under the data root: $SIMCLR_DATA when set, else ./datasets
+(data.sources.resolve_data_path, the rule dataset.path follows too); --data-dir defaults to datasets/<dataset>.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.sources import NAMES, as_rgb_array, image_path, open_source
+from data.sources import NAMES, as_rgb_array, image_path, open_source, resolve_data_path
 
 _PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)
 
@@ -64,12 +71,14 @@ def prepare(dataset: str, out: str | Path, data_dir: str | None = None, split: s
 
     Images are decoded once, by the writer's processes. An unreadable image raises ValueError naming its file
     unless skip_bad, which rewrites without it (a second pass only then) and reports it. The file appears
-    under its name only when complete (written as a hidden temporary, then os.replace'd).
+    under its name only when complete (written as a hidden temporary, then os.replace'd). data_dir and out
+    follow data.sources.resolve_data_path (datasets/... is under $SIMCLR_DATA when set).
     """
     from ffcv.fields import IntField, RGBImageField
 
+    data_dir = resolve_data_path(data_dir)
     source = open_source(dataset, data_dir, split, download)
-    out = Path(out)
+    out = Path(resolve_data_path(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
@@ -96,11 +105,13 @@ def prepare(dataset: str, out: str | Path, data_dir: str | None = None, split: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=NAMES)
-    parser.add_argument("--data-dir", help="the data set's root directory (not needed for digits)")
+    parser.add_argument("--data-dir", help="the data set's root directory (default datasets/<dataset>; not "
+                                           "needed for digits)")
     parser.add_argument("--split", default="train", help="train | test; STL10 also unlabeled, train+unlabeled")
-    parser.add_argument("--out", required=True, help="the .beton file to write")
+    parser.add_argument("--out", required=True, help="the .beton file to write, e.g. datasets/<dataset>/train.beton")
     parser.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion", "smart"],
                         help="jpg: small files, decode cost per read; raw: fastest reads, ~10x the disk")
     parser.add_argument("--max-resolution", type=int, help="longest side stored (256-512 for ImageNet)")
@@ -109,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--download", action="store_true", help="fetch CIFAR / STL10 with torchvision first")
     parser.add_argument("--num-workers", type=int, default=-1, help="writer processes (default: all cores)")
     args = parser.parse_args(argv)
+    if args.data_dir is None and args.dataset != "digits":
+        args.data_dir = f"datasets/{args.dataset}"
     try:
         result = prepare(args.dataset, args.out, args.data_dir, args.split, args.write_mode, args.max_resolution,
                          args.jpeg_quality, args.skip_bad, args.download, args.num_workers)

@@ -1,6 +1,7 @@
 """Labeled image sources read from their native on-disk formats: digits, CIFAR-10/100, STL10, ImageFolder."""
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -13,6 +14,27 @@ _CIFAR = {  # name: (folder, train files, test files, label key) as torchvision 
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
 }
+
+
+DATA_ROOT_ENV = "SIMCLR_DATA"  # where the data sets live when not in ./datasets (a disk, a cluster's share)
+
+
+def resolve_data_path(path: str | os.PathLike | None) -> str | None:
+    """Where a data path points: the one rule for dataset.path, trainer.eval's and data.prepare's paths.
+
+    Data sets live outside the Python package `data/`, under a data root: $SIMCLR_DATA when set, else the
+    git-ignored ./datasets of the working directory. A relative path that starts with `datasets/` names a file
+    or folder under that root (`datasets/stl10/train_unlabeled.beton` is $SIMCLR_DATA/stl10/train_unlabeled.beton);
+    any other path is used as written. Without SIMCLR_DATA every path stays as written. The result is made
+    absolute when the root is, so resolving twice changes nothing. None and "" stay as they are.
+    """
+    if path is None or str(path) == "":
+        return path
+    parts = Path(path).parts
+    root = os.environ.get(DATA_ROOT_ENV, "")
+    if not root or Path(path).is_absolute() or parts[0] != "datasets":
+        return str(path)
+    return str(Path(root).expanduser().absolute().joinpath(*parts[1:]))
 
 
 class ArraySource:

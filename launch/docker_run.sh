@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Runs the trainer in the container image on this machine's GPUs (build it first: docker build -t simclr-trainer .).
 #
-#   bash launch/docker_run.sh --config configs/stl10_r18.yaml        # reads ./data/stl10_train_unlabeled.beton
-#   DATA_DIR=/datasets bash launch/docker_run.sh --config configs/imagenet_r50_b8192_1node.yaml
+#   bash launch/docker_run.sh --config configs/stl10_r18.yaml     # reads ./datasets/stl10/train_unlabeled.beton
+#   SIMCLR_DATA=/mnt/data bash launch/docker_run.sh --config configs/imagenet_r50_b8192_1node.yaml
+#                                                                 # reads /mnt/data/imagenet/train.beton
 #
 # Arguments go to `torchrun ... -m trainer.main` in the container (working directory /workspace, the repo).
 # Rerunning the same command resumes from the checkpoints in OUTPUT_DIR.
 #
 # Environment:
 #   IMAGE           image to run (default simclr-trainer:latest)
-#   DATA_DIR        host directory mounted at /data (default ./data when it exists; the imagenet configs read
-#                   /data/imagenet_train.beton); its .beton files and subdirectories also appear read-only
-#                   under /workspace/data/, so the configs' data/<file> paths work unchanged
+#   SIMCLR_DATA     the host's data folder (default ./datasets when it exists), mounted read-only at
+#                   /workspace/datasets, where the configs' datasets/<name>/... paths point inside the container
+#                   (the same rule as outside it: data.sources.resolve_data_path)
 #   OUTPUT_DIR      host directory mounted at /workspace/runs, where the configs' output_dir (runs/<name>)
 #                   lands (default ./runs): checkpoints outlive the container. A config of your own placed
 #                   there is --config runs/<file>.yaml inside.
@@ -31,32 +32,22 @@
 set -euo pipefail
 
 image="${IMAGE:-simclr-trainer:latest}"
+launcher=docker_run.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # --- mounts --------------------------------------------------------------------------------------------
+# One data folder at /workspace/datasets: the configs' datasets/... paths are relative to the working directory
+# (/workspace) when SIMCLR_DATA is unset, as it is in the container (a host path would mean nothing there).
 mounts=()
-data_dir=""
-if [ -n "${DATA_DIR:-}" ]; then
-  if [ ! -d "$DATA_DIR" ]; then
-    echo "docker_run.sh: DATA_DIR=$DATA_DIR is not a directory" >&2
+if [ -n "${SIMCLR_DATA:-}" ]; then
+  if [ ! -d "$SIMCLR_DATA" ]; then
+    echo "docker_run.sh: SIMCLR_DATA=$SIMCLR_DATA is not a directory" >&2
     exit 2
   fi
-  data_dir=$(cd "$DATA_DIR" && pwd)
-elif [ -d data ]; then
-  data_dir="$PWD/data"
-fi
-if [ -n "$data_dir" ]; then
-  mounts+=(-v "$data_dir:/data")
-  # The configs name their data relative to the repo (data/stl10_train_unlabeled.beton, data/stl10); in the
-  # image data/ is the Python package, so each .beton and data directory is also mounted into it, read-only.
-  for entry in "$data_dir"/*; do
-    name=$(basename "$entry")
-    case "$name" in
-      __pycache__ | *:* | *,*) continue ;;
-    esac
-    if { [ -f "$entry" ] && [[ "$name" == *.beton ]]; } || [ -d "$entry" ]; then
-      mounts+=(-v "$entry:/workspace/data/$name:ro")
-    fi
-  done
+  mounts+=(-v "$(cd "$SIMCLR_DATA" && pwd):/workspace/datasets:ro")
+elif [ -d datasets ]; then
+  mounts+=(-v "$PWD/datasets:/workspace/datasets:ro")
 fi
 output_dir="${OUTPUT_DIR:-runs}"
 mkdir -p "$output_dir"  # created by docker instead, it would belong to root
@@ -102,15 +93,14 @@ if [ -n "${MASTER_ADDR:-}" ]; then
       -e "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}")
   fi
   rdzv_conf="join_timeout=${RDZV_JOIN_TIMEOUT_S:-600}"
-  # shellcheck source=launch/common.sh
-  source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
   if [ "${LOCAL_ADDR:-}" = "$MASTER_ADDR" ] || is_local_address "$MASTER_ADDR"; then
     rdzv_conf+=",is_host=true"  # the host network: this host's addresses are the container's
   fi
   # torchrun through trainer.distributed: a node lost for NODE_LOST_TIMEOUT_S ends the job naming it
   agent=(python -m trainer.distributed --rejoin-timeout="${NODE_LOST_TIMEOUT_S:-60}")
   rdzv_args=(--nnodes="$NNODES" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}"
-    --rdzv-id="${RDZV_ID:-simclr}" --rdzv-conf="$rdzv_conf" --max-restarts="${MAX_RESTARTS:-3}")
+    --rdzv-id="${RDZV_ID:-simclr}" --rdzv-conf="$rdzv_conf")
+  set_torchrun_signal_flags 3 120  # defaults as multi_node.sh: 3 restarts, 120 s to checkpoint
   if [ -n "${NODE_RANK:-}" ]; then
     rdzv_args+=(--node-rank="$NODE_RANK")
   fi
@@ -119,10 +109,10 @@ if [ -n "${MASTER_ADDR:-}" ]; then
   fi
 else
   agent=(torchrun)
-  rdzv_args=(--standalone --max-restarts="${MAX_RESTARTS:-0}")
+  rdzv_args=(--standalone)
+  set_torchrun_signal_flags 0 120  # defaults as single_node.sh: no restart, 120 s to checkpoint
 fi
 
 exec docker run "${docker_args[@]}" "${mounts[@]}" "$image" \
-  "${agent[@]}" "${rdzv_args[@]}" \
-  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT_S:-120}" \
+  "${agent[@]}" "${rdzv_args[@]}" "${torchrun_signal_flags[@]}" \
   --nproc_per_node="$nproc_per_node" -m trainer.main "$@"

@@ -1,11 +1,15 @@
-"""Entry point: `torchrun --nproc_per_node=N -m trainer.main --config FILE [dotted.key=value ...]`."""
+"""Entry point: `torchrun --nproc_per_node=N -m trainer.main --config FILE [dotted.key=value ...]`.
+
+`python -m trainer.main --help-config [--config FILE] [key=value ...]` lists every config key instead of training.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from trainer import distributed
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
+from trainer.config_load import config_help, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -16,6 +20,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Overrides: dotted keys of the config, e.g. batch_size=512 optim.base_lr=0.3 "
                "loss.temperature=0.2 output_dir=runs/x (batch_size is the GLOBAL batch).")
     parser.add_argument("--config", help="YAML file of overrides to the defaults (configs/*.yaml)")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key (type, default, help; the seed's keys marked) and exit; with "
+                             "--config or overrides, also the values they set")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser.parse_args(argv)
 
@@ -25,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     world = distributed.world_from_env()
     try:  # every configuration error is raised here, before any process group starts
         cfg = load_config(args.config, args.overrides)
+        if args.help_config:
+            print(config_help(cfg if args.config or args.overrides else None), end="")
+            return 0
         cfg.validate(world.world_size)
     except ConfigError as err:
         if world.is_main:

@@ -109,3 +109,14 @@ def test_missing_or_empty_inputs_are_named(tmp_path, capsys):
     (tmp_path / "empty" / "stl10_binary" / "train_X.bin").write_bytes(b"\0" * 100)
     with pytest.raises(ValueError, match="not a whole number"):
         open_source("stl10", tmp_path / "empty")
+
+
+def test_datasets_paths_are_under_simclr_data_and_data_dir_defaults_there(image_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SIMCLR_DATA", str(tmp_path))  # image_folder is tmp_path/folder
+    monkeypatch.chdir(tmp_path / "folder")  # a working directory without datasets/: the paths cannot mean it
+    assert prepare_main(["--dataset", "imagefolder", "--data-dir", "datasets/folder", "--out", "datasets/b/f.beton",
+                         "--num-workers", "1"]) == 0
+    assert f"wrote 6 images to {tmp_path / 'b' / 'f.beton'}" in capsys.readouterr().out
+    assert read_beton(tmp_path / "b" / "f.beton", images=False)[1] == [0, 0, 0, 1, 1, 1]
+    assert prepare_main(["--dataset", "cifar10", "--out", "datasets/c.beton"]) == 2  # no --data-dir: datasets/cifar10
+    assert f"{tmp_path / 'cifar10'}: no such directory" in capsys.readouterr().err

@@ -4,9 +4,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config import Config, ConfigError, load_config, parse_overrides, save_config
+from data.sources import resolve_data_path
+from trainer.config import Config, ConfigError, ModelConfig, OptimConfig
+from trainer.config_load import load_config, parse_overrides, save_config
 
 SEED_CONFIG = Path(__file__).parents[1] / "fixtures" / "seed_config.yaml"
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def test_seed_block_loads_as_is_and_each_key_lands():
@@ -111,6 +114,91 @@ def test_parse_overrides_types():
         "a": {"b": 1, "c": True}, "d": 1e-3, "e": "runs/x"}
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("*.yaml")))
-def test_shipped_configs_load(name):
-    load_config(Path(__file__).parents[2] / "configs" / name)
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_round_trip(name, tmp_path, monkeypatch):
+    monkeypatch.delenv("SIMCLR_DATA", raising=False)
+    cfg = load_config(CONFIGS / name)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    # data sets are named under datasets/, never inside the Python package data/
+    assert cfg.dataset.path == "" or Path(cfg.dataset.path).parts[0] == "datasets"
+
+
+# ----------------------------------------------------------------------------- keys with a fixed set of values
+@pytest.mark.parametrize("key, choices", [
+    ("amp", "auto, bf16, fp16 or off"),
+    ("device", "auto, cuda or cpu"),
+    ("step_mode", "direct, cached or checkpoint"),
+    ("model.sync_bn_impl", "global or torch"),
+    ("dataset.name", "digits, synthetic, cifar10, cifar100, stl10 or imagefolder"),
+    ("dataset.loader", "memory, torchvision or ffcv"),
+    ("optim.name", "lars, sgd, adam or adamw"),
+    ("optim.lr_scaling", "linear, sqrt or none"),
+])
+def test_a_value_outside_the_choices_names_the_key_and_every_choice(key, choices):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{key}=bogus"])
+    assert str(err.value) == f"{key}='bogus': choose {choices}"
+    for choice in choices.replace(" or ", ", ").split(", "):  # each choice named is accepted
+        files = [] if choice in ("digits", "synthetic") or key != "dataset.name" else ["dataset.loader=torchvision"]
+        cfg = load_config(None, [f"{key}={choice}", *files])
+        section, _, name = key.rpartition(".")
+        assert getattr(getattr(cfg, section) if section else cfg, name) == choice
+
+
+def test_sections_built_in_code_check_their_choices_too():
+    with pytest.raises(ConfigError, match=r"^optim\.name='rmsprop': choose lars, sgd, adam or adamw$"):
+        OptimConfig(name="rmsprop")
+    with pytest.raises(ConfigError, match=r"^model\.sync_bn_impl='apex': choose global or torch$"):
+        ModelConfig(sync_bn_impl="apex")
+    with pytest.raises(ConfigError, match=r"^amp='fp8'"):
+        Config(amp="fp8")
+    assert OptimConfig(name="adamw").name == "adamw"
+
+
+def test_a_number_for_a_choice_is_refused_as_a_string():
+    with pytest.raises(ConfigError, match=r"^amp='16': choose auto"):
+        load_config(None, ["amp=16"])
+    with pytest.raises(ConfigError, match=r"^device=True: expected str, got bool"):
+        load_config(None, ["device=true"])
+
+
+# ----------------------------------------------------------------------------- where the data sets are
+def test_datasets_paths_stay_as_written_without_simclr_data(monkeypatch):
+    monkeypatch.delenv("SIMCLR_DATA", raising=False)
+    for path in ("datasets/stl10/train.beton", "data/stl10", "/abs/imagenet", "", None):
+        assert resolve_data_path(path) == path
+
+
+def test_simclr_data_is_the_root_of_datasets_paths_only(monkeypatch, tmp_path):
+    root = tmp_path / "disk"
+    monkeypatch.setenv("SIMCLR_DATA", str(root))
+    assert resolve_data_path("datasets/stl10/train.beton") == str(root / "stl10" / "train.beton")
+    assert resolve_data_path("./datasets/cifar10") == str(root / "cifar10")
+    assert resolve_data_path("datasets") == str(root)
+    for as_written in ("data/stl10", "my_datasets/x", "/abs/datasets/x", "runs/datasets", ""):
+        assert resolve_data_path(as_written) == as_written
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIMCLR_DATA", "disk")  # a relative root is the working directory's, made absolute
+    once = resolve_data_path("datasets/stl10")
+    assert once == str(root / "stl10") and resolve_data_path(once) == once
+
+
+def test_dataset_path_follows_the_rule_and_the_resolved_path_is_saved(monkeypatch, tmp_path):
+    root = tmp_path / "disk"
+    (root / "stl10").mkdir(parents=True)
+    (root / "stl10" / "train.beton").touch()
+    monkeypatch.setenv("SIMCLR_DATA", str(root))
+    overrides = ["dataset.name=stl10", "dataset.loader=ffcv", "dataset.path=datasets/stl10/train.beton"]
+    cfg = load_config(None, overrides)
+    assert cfg.dataset.path == str(root / "stl10" / "train.beton")
+    cfg.validate(world_size=1)  # found under the root, not under ./datasets
+    save_config(cfg, tmp_path / "config.yaml")
+    monkeypatch.setenv("SIMCLR_DATA", str(tmp_path / "elsewhere"))  # the saved path is absolute: it stays
+    assert load_config(tmp_path / "config.yaml") == cfg
+    monkeypatch.delenv("SIMCLR_DATA")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"dataset\.path=datasets/stl10/train\.beton: no such file"):
+        load_config(None, overrides).validate(world_size=1)
+    (tmp_path / "datasets").symlink_to(root)  # ./datasets, the default root
+    load_config(None, overrides).validate(world_size=1)
