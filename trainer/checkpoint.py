@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, keep-last-k, resume from the newest readable one, backbone export and fine-tune loading."""
+"""Checkpoints: a run's state to and from a dict, atomic writes, keep-last-k, the newest readable one, the ranks'
+agreement on which one to resume, the output_dir lock, backbone export and fine-tune loading."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from trainer.run_state import Progress, RunState
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^ckpt_(\d{9})\.pt$")
@@ -217,3 +220,83 @@ def load_backbone_weights(source: str, map_location="cpu") -> dict:
     if "model" in state and isinstance(state["model"], dict):
         return backbone_state(state["model"])
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+# ----------------------------------------------------------------------------- a run's state
+def training_state(run: RunState, cfg, world_size: int, device: torch.device) -> dict:
+    """What a checkpoint holds: weights, optimizer, scaler, progress, this rank's RNG streams, the config."""
+    p = run.progress
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scaler": run.scaler.state_dict(), "step": p.step, "epoch": p.epoch, "step_in_epoch": p.step_in_epoch,
+             "rng_cpu": torch.get_rng_state(), "world_size": world_size, "config": cfg.to_dict()}
+    if device.type == "cuda":  # this rank's device only: a restart may see fewer devices (CUDA_VISIBLE_DEVICES)
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore(state: dict, run: RunState, device: torch.device) -> Progress:
+    """Loads a training_state() dict into the run (weights are copied to their device) and returns its progress."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    cuda_state = state.get("rng_cuda")
+    if isinstance(cuda_state, (list, tuple)):  # older checkpoints held every visible device's state
+        cuda_state = cuda_state[device.index] if device.type == "cuda" and device.index < len(cuda_state) else None
+    if cuda_state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
+    return Progress(state["step"], state["epoch"], state["step_in_epoch"])
+
+
+# ----------------------------------------------------------------------------- every rank alike
+def _problem(err: Exception, context: str = "") -> str:
+    return str(err) if isinstance(err, ResumeError) else f"{context}{type(err).__name__}: {err}"
+
+
+def _agree(ctx, problem: str | None, what) -> list:
+    """Every rank's `what`; raises ResumeError on every rank alike when any rank had a problem, so no rank is left
+    waiting in a collective that a failed one skipped."""
+    outcomes = [(problem, what)]
+    if ctx.world_size > 1:
+        outcomes = [None] * ctx.world_size
+        torch.distributed.all_gather_object(outcomes, (problem, what))
+    failed = [(r, p) for r, (p, _) in enumerate(outcomes) if p is not None]
+    if failed:
+        raise ResumeError(failed[0][1] if len({p for _, p in failed}) == 1 and len(failed) == len(outcomes)
+                          else "; ".join(f"rank {r}: {p}" for r, p in failed))
+    return [w for _, w in outcomes]
+
+
+def hold_output_dir_on_rank0(output_dir: str, ctx, wait_s: float):
+    """Rank 0 locks output_dir (hold_output_dir) and returns the handle; every rank raises alike if it cannot.
+    The other ranks wait in a broadcast meanwhile: keep wait_s within the collective timeout."""
+    lock, problem = None, None
+    if ctx.is_main:
+        try:
+            lock = hold_output_dir(output_dir, wait_s=min(LOCK_WAIT_S, wait_s))
+        except Exception as err:  # noqa: BLE001 - whatever it is, every rank must hear of it
+            problem = _problem(err, f"output_dir {output_dir}: ")
+    if ctx.world_size > 1:  # only rank 0 can fail here: its outcome is every rank's
+        shared = [problem]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        raise ResumeError(problem)
+    return lock
+
+
+def load_resume_state(output_dir: str, ctx) -> tuple[dict | None, Path | None]:
+    """The checkpoint to resume from, the same on every rank. Each rank reads output_dir itself: on folders that
+    are not one shared file system nodes could see different ones and train on silently diverged weights, so
+    ranks that would resume different steps (or fail to read) stop together with the reason."""
+    state, path, problem = None, None, None
+    try:
+        state, path = load_latest(output_dir, quarantine=ctx.is_main)
+    except Exception as err:  # noqa: BLE001 - whatever it is, every rank must hear of it
+        problem = _problem(err)
+    steps = _agree(ctx, problem, (state["step"] if state is not None else 0, str(path)))
+    if len({s for s, _ in steps}) > 1:
+        raise ResumeError("ranks would resume different checkpoints: " + "; ".join(
+            f"rank {r}: step {s} ({p})" for r, (s, p) in enumerate(steps))
+            + ". output_dir must be one folder that every node sees the same")
+    return state, path

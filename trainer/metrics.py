@@ -104,3 +104,28 @@ class IntervalTimer:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+class StepMeter:
+    """A log interval's sums of loss and contrastive top-1, its count of non-finite losses and the first step that
+    had one, kept on the device: adding a step never waits for the device (the values are read at log
+    intervals and before checkpoints only)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.sums = torch.zeros(3, device=device)  # loss, top1, non-finite count
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.timer = IntervalTimer()
+
+    def add(self, step: int, loss, top1) -> None:
+        import torch
+
+        bad = ~torch.isfinite(loss)
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
+        self.sums += torch.stack([torch.nan_to_num(loss), top1, bad.float()])
+        self.timer.steps += 1
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.timer.reset()

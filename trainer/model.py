@@ -1,4 +1,6 @@
-"""SimCLR network: torchvision ResNet backbone (fc removed, optional small-image stem) and projection head."""
+"""SimCLR network: torchvision ResNet backbone (fc removed, optional small-image stem) and projection head, and the
+network as a run trains it (fine-tune weights, activation checkpointing, global BatchNorm, channels_last, DDP,
+compile)."""
 from __future__ import annotations
 
 import contextlib
@@ -6,10 +8,12 @@ import contextlib
 import torch
 import torch.nn as nn
 import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from trainer import small_nets
-from trainer.config import ModelConfig
+from trainer.checkpoint import load_backbone_weights
+from trainer.config import Config, ModelConfig
 
 
 def build_backbone(base_model: str, small_stem: bool = False) -> tuple[nn.Module, int]:
@@ -132,3 +136,53 @@ def synchronize_batchnorm(model: nn.Module, impl: str, world_size: int, rank: in
         from trainer.global_bn import convert_global_batchnorm
         return convert_global_batchnorm(model, group)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
+
+
+# ----------------------------------------------------------------------------- the network as a run trains it
+def build_network(cfg: Config, ctx, log) -> tuple[SimCLRModel, nn.Module]:
+    """(model, model used for training): the seeded SimCLRModel on ctx.device, and DDP around it (compiled when
+    cfg.compile). Identical init on every rank: seeded, then DDP broadcasts rank 0's weights and buffers."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    if cfg.fine_tune_from:
+        _load_fine_tune_weights(model, cfg.fine_tune_from, log)
+    if cfg.step_mode == "checkpoint":
+        enable_activation_checkpointing(model.backbone)
+    synced = cfg.model.sync_bn and ctx.world_size > 1
+    if synced:
+        model = synchronize_batchnorm(model, cfg.model.sync_bn_impl, ctx.world_size, ctx.rank,
+                                      cfg.model.sync_bn_group_size)
+    model.to(ctx.device)
+    if cfg.model.channels_last:
+        model.to(memory_format=torch.channels_last)
+    cuda = ctx.device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: pick cuDNN's fastest kernels once
+    every_bn_global = synced and cfg.model.sync_bn_group_size in (0, ctx.world_size)
+    ddp = DDP(model, device_ids=[ctx.device.index] if cuda else None,
+              gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
+              # the cached step runs several forwards per step under no_sync, which a static graph forbids
+              static_graph=cfg.step_mode != "cached",
+              # BN buffers are identical on every rank when every layer reduces over all ranks (or there is one
+              # rank): nothing to send before each forward (the initial sync still starts every rank from rank 0's)
+              forward_sync_buffers=ctx.world_size > 1 and not every_bn_global)
+    return model, (torch.compile(ddp) if cfg.compile else ddp)
+
+
+def _load_fine_tune_weights(model: SimCLRModel, source: str, log) -> None:
+    """fine_tune_from: the backbone starts from a checkpoint's or an exported backbone's weights; a source that
+    does not exist is reported and the backbone trains from scratch (the seed's behaviour)."""
+    try:
+        model.backbone.load_state_dict(load_backbone_weights(source))
+        log.info(f"fine_tune_from={source}: backbone weights loaded")
+    except FileNotFoundError as err:
+        log.warn(f"{err}; training the backbone from scratch")
+
+
+def random_init_backbone(cfg: Config, device: torch.device) -> nn.Module:
+    """The backbone as the seeded initialization made it (the final probe's random-init reference), rebuilt
+    without touching the RNG state the run continues with. Rebuilt rather than copied: a copy of the training
+    model would carry its BatchNorm layers' process group, which cannot be copied."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg.model).backbone.to(device)

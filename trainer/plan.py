@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from trainer.cached_step import auto_chunk_size
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError
+from trainer.config_load import load_config
 from trainer.model import build_model, enable_activation_checkpointing
 
 GIB = 2 ** 30

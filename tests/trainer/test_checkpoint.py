@@ -198,15 +198,12 @@ def test_a_good_checkpoint_that_fails_to_load_stays_and_stops_the_run(tmp_path, 
 
 
 def _resume_on_rank(rank, world_size, folders):
-    """engine's resume choice where each rank sees its own folder: every rank must raise, none may wait."""
-    from types import SimpleNamespace
-
+    """The resume choice where each rank sees its own folder: every rank must raise, none may wait."""
     from trainer.distributed import DistContext
-    from trainer.engine import _load_resume_state
 
     ctx = DistContext(rank, rank, world_size, torch.device("cpu"), "gloo")
     try:
-        _load_resume_state(SimpleNamespace(output_dir=folders[rank]), ctx)
+        checkpoint.load_resume_state(folders[rank], ctx)
     except checkpoint.ResumeError as err:
         return str(err)
     return "resumed"

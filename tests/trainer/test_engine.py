@@ -1,15 +1,20 @@
-"""The run's builders: the network as DDP wraps it (N ranks = one process), the random-init reference, and the
-checkpointed RNG state of this rank's device."""
+"""The run: the network as DDP wraps it (N ranks = one process), the random-init reference, the checkpointed RNG
+state of this rank's device, and the Trainer's checkpoint cadence, preemption and final table."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
 
-from trainer import engine
-from trainer.config import load_config
+from types import SimpleNamespace
+
+from trainer import checkpoint, engine
+from trainer.config_load import load_config
 from trainer.distributed import DistContext
 from trainer.loss import NTXentLoss
-from trainer.model import build_model
+from trainer.model import build_model, build_network, random_init_backbone
 from trainer.optim import build_optimizer
+from trainer.run_state import Progress
 from trainer.step import train_step
 
 TINY = ["model.small_stem=true", "model.out_dim=16", "model.base_model=resnet18", "batch_size=8", "amp=off",
@@ -29,7 +34,7 @@ def test_random_init_backbone_is_the_seeded_init_and_leaves_the_rng_alone():
     seeded = build_model(cfg.model).backbone.state_dict()
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    rebuilt = engine.random_init_backbone(cfg, torch.device("cpu")).state_dict()
+    rebuilt = random_init_backbone(cfg, torch.device("cpu")).state_dict()
     assert torch.equal(torch.get_rng_state(), before)  # the run continues with its own stream
     assert rebuilt.keys() == seeded.keys()
     for key in seeded:
@@ -45,7 +50,7 @@ def _train(rank: int, world_size: int, overrides: list[str], steps: int = 3) -> 
     """build_network + LARS + train_step on this rank's slice of a fixed global batch; returns the weights."""
     cfg = load_config(None, [*TINY, *overrides])
     ctx = DistContext(rank, rank, world_size, torch.device("cpu"), "gloo")
-    model, train_model = engine.build_network(cfg, ctx, _Quiet())
+    model, train_model = build_network(cfg, ctx, _Quiet())
     optimizer = build_optimizer(model, cfg.optim, 0.05)  # at 0.5 three steps are chaotic: 1e-7 apart -> 1e-2
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     n = cfg.batch_size // world_size
@@ -87,7 +92,7 @@ def test_ddp_with_global_bn_on_two_ranks_equals_one_process(distributed_run, ste
 def _cached_ddp(rank, world_size):
     cfg = load_config(None, [*TINY, "step_mode=cached"])
     ctx = DistContext(rank, rank, world_size, torch.device("cpu"), "gloo")
-    _, train_model = engine.build_network(cfg, ctx, _Quiet())
+    _, train_model = build_network(cfg, ctx, _Quiet())
     return train_model.static_graph
 
 
@@ -129,17 +134,18 @@ def test_cuda_rng_state_is_this_ranks_device_only(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, getattr(_FakeCuda(8), name))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    state = engine.training_state(model, optimizer, scaler, engine.Progress(5, 1, 2), cfg, 8, torch.device("cuda", 3))
+    run = SimpleNamespace(model=model, optimizer=optimizer, scaler=scaler, progress=Progress(5, 1, 2))
+    state = checkpoint.training_state(run, cfg, 8, torch.device("cuda", 3))
     assert torch.equal(state["rng_cuda"], torch.tensor([13], dtype=torch.uint8))
     after_restart = _FakeCuda(1)
     for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
         monkeypatch.setattr(torch.cuda, name, getattr(after_restart, name))
-    progress = engine.restore(state, model, optimizer, scaler, torch.device("cuda", 0))
+    progress = checkpoint.restore(state, run, torch.device("cuda", 0))
     assert after_restart.set_calls == [(13, 0)]
     assert (progress.step, progress.epoch, progress.step_in_epoch) == (5, 1, 2)
     # a checkpoint written before this fix holds every device's state: this rank's is taken, others ignored
     state["rng_cuda"] = _FakeCuda(8).get_rng_state_all()
-    engine.restore(state, model, optimizer, scaler, torch.device("cuda", 0))
+    checkpoint.restore(state, run, torch.device("cuda", 0))
     assert after_restart.set_calls[-1] == (10, 0)
 
 
@@ -161,3 +167,65 @@ def test_final_probe_with_batchnorm_in_process_groups(distributed_run, tmp_path)
     assert set(results[0]) == {"step", "simclr", "random_init"} and set(results[1]) == {"step"}  # rank 0's table
     for row in ("simclr", "random_init"):
         assert set(results[0][row]) == {"linear_top1", "knn_top1"}
+
+
+SMALL_RUN = [*TINY, "model.base_model=resnet8", "dataset.synthetic_size=64", "eval.final_probe=false",
+             "eval.knn_monitor=false", "log_every_n_steps=2", "optim.warmup_epochs=0"]
+
+
+def _checkpoint_steps(output_dir) -> list[int]:
+    return [checkpoint.load(p)["step"] for p in checkpoint.list_checkpoints(output_dir)]
+
+
+def _run_one(rank, world_size, overrides):
+    cfg = load_config(None, overrides)
+    return engine.run(cfg, DistContext(rank, rank, world_size, torch.device("cpu"), "gloo"))
+
+
+def test_checkpoints_at_epoch_ends_every_n_steps_and_the_last_step(tmp_path, distributed_run):
+    overrides = [*SMALL_RUN, f"output_dir={tmp_path}", "epochs=3", "max_steps=8", "checkpoint_every_n_steps=3",
+                 "keep_checkpoints=100"]
+    results = distributed_run(_run_one, 1, overrides)[0]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = next(r["step"] for r in records if r["kind"] == "epoch")  # the first epoch's end
+    assert 1 < per_epoch < 8
+    expected = sorted({s for s in range(1, 9) if s % per_epoch == 0 or s % 3 == 0} | {8})
+    assert results["step"] == 8
+    assert _checkpoint_steps(tmp_path) == expected  # e.g. 3, 5 (epoch end), 6, 8 (max_steps) at 5 steps an epoch
+    state = checkpoint.load(checkpoint.list_checkpoints(tmp_path)[-1])
+    assert (state["epoch"], state["step_in_epoch"]) == (8 // per_epoch, 8 % per_epoch)
+
+
+def _preempted_at_step_3(rank, world_size, output_dir):
+    import os
+    import signal
+
+    calls = []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the signal lands during step 3: that step completes, then the run stops
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return train_step(*args, **kwargs)
+
+    engine.train_step = step_then_signal  # the step the Trainer builds with (this forked process only)
+    cfg = load_config(None, [*SMALL_RUN, f"output_dir={output_dir}", "epochs=5"])
+    ctx = DistContext(rank, rank, world_size, torch.device("cpu"), "gloo")
+    try:
+        engine.run(cfg, ctx)
+    except SystemExit as stop:
+        return {"code": stop.code, "preempted": isinstance(stop, engine.Preempted),
+                "signal": signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL}
+    return {"code": None}
+
+
+def test_a_stop_signal_checkpoints_the_step_and_exits_for_a_restart(tmp_path, distributed_run):
+    outcome = distributed_run(_preempted_at_step_3, 1, str(tmp_path))[0]
+    assert outcome == {"code": 143, "preempted": True, "signal": True}  # handler uninstalled on the way out
+    assert _checkpoint_steps(tmp_path)[-1] == 3
+
+
+def test_the_epoch_line_states_the_time_left_with_its_rate():
+    # 4 steps in 2 s: 2 steps/s, 512 images/s at a global batch of 256; 10 steps left: 5 s
+    assert engine._Rate(4, 2.0, 10, 256).eta() == "0 min 05 s of training left (2.00 steps/s, 512 img/s)"
+    assert engine._Rate(3, 30.0, 1300, 64).eta() == "216 min 40 s of training left (0.10 steps/s, 6 img/s)"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainer.config import load_config
+from trainer.config_load import load_config
 from trainer.model import build_model
 from trainer.optim import build_optimizer
 from trainer.plan import main, parse_bytes, plan, saved_bytes_per_view
