@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cpu_model, emit_with_summary, environment, run_trainer
-from trainer.config import load_config
+from trainer.config_load import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

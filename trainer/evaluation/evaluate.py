@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from trainer import checkpoint, distributed
-from trainer.config import Config, ModelConfig, load_config
+from trainer.config import Config, ModelConfig
+from trainer.config_load import load_config
 from trainer.evaluation.features import extract_features
 from trainer.inputs import normalize
 from trainer.model import build_backbone
