@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import multiprocessing as mp
 import os
 import socket
 import traceback
@@ -9,7 +10,6 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import multiprocessing as mp
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file (pytest runs in importlib mode)
-from nodes import BASE_ENV, REPO, RUN, STEPS, checksums, two_nodes  # noqa: E402
+from nodes import BASE_ENV, REPO, RUN, STEPS, checksums, two_nodes
 
 
 @pytest.fixture(scope="session")

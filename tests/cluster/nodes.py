@@ -65,9 +65,9 @@ class Node:
 
     def popen(self, argv: list[str], env: dict, log: Path, cwd: Path = REPO) -> subprocess.Popen:
         """Started in its own process group (so that a test can end everything it started); output to `log`."""
-        out = open(log, "w")  # noqa: SIM115 - the child keeps it
-        return subprocess.Popen(self.command(argv), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        with open(log, "w") as out:  # the child writes to its own copy of the descriptor; ours closes here
+            return subprocess.Popen(self.command(argv), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
 
     def write_hosts(self, others: list["Node"], debian_default: bool) -> None:
         """Every node's name on its address; Debian's default also maps this host's own name to 127.0.1.1 first."""

@@ -19,7 +19,8 @@ DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sr
 def unavailable() -> str | None:
     missing = [tool for tool in DAEMONS if shutil.which(tool) is None]
     if missing:
-        return f"SLURM tier: {', '.join(missing)} not installed (bash launch/install.sh --test installs slurm-wlm, munge)"
+        return (f"SLURM tier: {', '.join(missing)} not installed "
+                "(bash launch/install.sh --test installs slurm-wlm, munge)")
     return None
 
 
@@ -106,11 +107,11 @@ def slurm_cluster(tmp: Path, nodes: list[Node], base_env: dict):
     env = {**base_env, "SLURM_CONF": str(conf)}
     cluster = Slurm(tmp, nodes, env)
     try:
-        munged = subprocess.Popen(["munged", "--foreground", "--force", f"--key-file={key}",
-                                   f"--socket={tmp}/munge.sock", f"--pid-file={tmp}/munged.pid",
-                                   f"--log-file={tmp}/munged.log", f"--seed-file={tmp}/munge.seed"],
-                                  stdout=subprocess.DEVNULL, stderr=open(tmp / "munged.err", "w"),
-                                  start_new_session=True)
+        with open(tmp / "munged.err", "w") as err:  # munged writes to its own copy; ours closes here
+            munged = subprocess.Popen(["munged", "--foreground", "--force", f"--key-file={key}",
+                                       f"--socket={tmp}/munge.sock", f"--pid-file={tmp}/munged.pid",
+                                       f"--log-file={tmp}/munged.log", f"--seed-file={tmp}/munge.seed"],
+                                      stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         cluster.daemons.append(munged)
         deadline = time.monotonic() + 20
         while not (tmp / "munge.sock").exists():

@@ -14,9 +14,9 @@ import pytest
 from trainer import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file (pytest runs in importlib mode)
-import nodes as cluster  # noqa: E402
-import slurm_cluster  # noqa: E402
-from nodes import BASE_ENV, REPO, RUN, STEPS, checksums, children, two_nodes, wait_for  # noqa: E402
+import nodes as cluster
+import slurm_cluster
+from nodes import BASE_ENV, REPO, RUN, STEPS, checksums, children, two_nodes, wait_for
 
 _why = cluster.unavailable() or slurm_cluster.unavailable()
 if _why:

@@ -15,8 +15,8 @@ import pytest
 from trainer import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers beside this file (pytest runs in importlib mode)
-import nodes as cluster  # noqa: E402
-from nodes import BASE_ENV, IFNAME, REPO, RUN, STEPS, checksums, children, stop_group, wait_for  # noqa: E402
+import nodes as cluster
+from nodes import BASE_ENV, IFNAME, REPO, RUN, STEPS, checksums, children, stop_group, wait_for
 
 _why = cluster.unavailable()
 if _why:
@@ -169,7 +169,7 @@ def test_loopback_host_name_stops_at_start_naming_the_interface(pair, tmp_path):
     text = logs(pair, tmp_path)
     assert codes[0] != 0 and codes[1] != 0
     for node, log in zip(pair, text):
-        assert f"config error: [rank" in log and f"host name '{node.name}' resolves to 127.0.1.1" in log, log[-3000:]
+        assert "config error: [rank" in log and f"host name '{node.name}' resolves to 127.0.1.1" in log, log[-3000:]
         assert "GLOO_SOCKET_IFNAME" in log and "SOCKET_IFNAME=eth0" in log
     assert took < 90, f"{took:.0f} s"
 

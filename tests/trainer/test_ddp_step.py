@@ -4,9 +4,9 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer.step import train_step
 from trainer.loss import NTXentLoss
 from trainer.optim import LARS, param_groups
+from trainer.step import train_step
 
 
 def small_model():
