@@ -98,10 +98,11 @@ def measure(root: Path, beton: Path, size: int, batch: int, workers: int, device
 
     from data.augment import SimCLRAugment
     from data.ffcv_loader import FFCVTwoViewLoader
+    from data.views import Shard, ViewCrop
 
     source = ImageFolder(str(root))
     out = {}
-    ffcv_loader = FFCVTwoViewLoader(str(beton), batch, size, num_workers=workers, seed=0)
+    ffcv_loader = FFCVTwoViewLoader(str(beton), batch, ViewCrop(size), Shard(seed=0), num_workers=workers)
     epochs = iter(range(10 ** 6))
     out["a_ffcv_two_views"] = _rate(lambda: ffcv_loader.batches(next(epochs)), batch, budget_s)
     threads = torch.get_num_threads()
@@ -136,10 +137,11 @@ def workers_sweep(beton: Path, size: int, batch: int, budget_s: float) -> dict:
     import os
 
     from data.ffcv_loader import FFCVTwoViewLoader
+    from data.views import Shard, ViewCrop
 
     rates, workers = {}, 1
     while workers <= (os.cpu_count() or 1):
-        loader = FFCVTwoViewLoader(str(beton), batch, size, num_workers=workers, seed=0)
+        loader = FFCVTwoViewLoader(str(beton), batch, ViewCrop(size), Shard(seed=0), num_workers=workers)
         epochs = iter(range(10 ** 6))
         rates[workers] = _rate(lambda: loader.batches(next(epochs)), batch, budget_s)
         workers *= 2

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from data.sources import as_rgb_array
 from data.seeding import position_seed
+from data.sources import as_rgb_array
+from data.views import Shard, ViewCrop
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -41,12 +42,12 @@ class _EpochSampler(Sampler):
 class _TwoViews(Dataset):
     """Item (epoch, i) -> two uint8 CHW crops + flips of source[indices[i]]."""
 
-    def __init__(self, source, indices, image_size: int, seed: int, scale, ratio, flip_prob: float):
+    def __init__(self, source, indices, crop: ViewCrop, seed: int):
         from torchvision.transforms import v2
 
         self.source, self.indices, self.seed = source, indices, seed
-        self.transform = v2.Compose([v2.RandomResizedCrop(image_size, scale, ratio, antialias=True),
-                                     v2.RandomHorizontalFlip(flip_prob)])
+        self.transform = v2.Compose([v2.RandomResizedCrop(crop.image_size, crop.scale, crop.ratio, antialias=True),
+                                     v2.RandomHorizontalFlip(crop.flip_prob)])
         self.pil_to_tensor = v2.functional.pil_to_tensor
 
     def __len__(self) -> int:
@@ -73,20 +74,21 @@ class TorchvisionTwoViewLoader:
     (seed, epoch, sample), so resumed runs and any worker count see the same batches.
     """
 
-    def __init__(self, dataset, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, num_workers: int = 0, device: torch.device | str = "cpu", indices=None,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_prob: float = 0.5):
-        indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
-        views = _TwoViews(dataset, indices, image_size, seed, scale, ratio, flip_prob)
-        self.sampler = _EpochSampler(DistributedSampler(views, num_replicas=world_size, rank=rank, shuffle=True,
-                                                        seed=seed, drop_last=True))
+    def __init__(self, dataset, batch_size: int, crop: ViewCrop, shard: Shard | None = None, num_workers: int = 0,
+                 device: torch.device | str = "cpu"):
+        shard = shard or Shard()
+        indices = list(range(len(dataset))) if shard.indices is None else [int(i) for i in shard.indices]
+        views = _TwoViews(dataset, indices, crop, shard.seed)
+        self.sampler = _EpochSampler(DistributedSampler(views, num_replicas=shard.world_size, rank=shard.rank,
+                                                        shuffle=True, seed=shard.seed, drop_last=True))
         self.device = torch.device(device)
         self.loader = DataLoader(views, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
                                  drop_last=True, pin_memory=self.device.type == "cuda",
                                  persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(indices)} images cannot fill one batch of {batch_size} on {world_size} ranks")
+            raise ValueError(f"{len(indices)} images cannot fill one batch of {batch_size} on {shard.world_size} "
+                             "ranks")
 
     def __len__(self) -> int:
         return self.steps_per_epoch

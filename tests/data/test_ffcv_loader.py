@@ -5,7 +5,8 @@ import torch
 
 pytest.importorskip("ffcv", reason="FFCV is not installed (bash launch/install.sh --ffcv)")
 
-from data.ffcv_loader import FFCVTwoViewLoader, beton_size  # noqa: E402
+from data.ffcv_loader import FFCVTwoViewLoader, beton_size
+from data.views import Shard, ViewCrop
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def digits_beton(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits_loader(digits_beton):
-    return FFCVTwoViewLoader(digits_beton, 32, 16, seed=3, num_workers=1)
+    return FFCVTwoViewLoader(digits_beton, 32, ViewCrop(16), Shard(seed=3), num_workers=1)
 
 
 def take(loader, epoch=0, start_step=0, count=2):
@@ -52,7 +53,7 @@ def same(batches, others):
 def test_views_outlive_later_batches_and_epochs(id_beton):
     """FFCV's buffers are reused across batches and (here) epochs; the views handed out are never overwritten,
     and an epoch left unfinished for another stops with an error instead of yielding another's pixels."""
-    loader, fresh = (FFCVTwoViewLoader(id_beton, 8, 6, num_workers=1, seed=5) for _ in range(2))
+    loader, fresh = (FFCVTwoViewLoader(id_beton, 8, ViewCrop(6), Shard(seed=5), num_workers=1) for _ in range(2))
     first = list(loader.batches(0))
     kept = [(a.clone(), b.clone()) for a, b in first]
     assert same(list(loader.batches(1)), list(fresh.batches(1))) and same(first, kept)
@@ -72,7 +73,7 @@ def test_views_have_the_shape_and_differ(digits_loader, digits_beton):
 
 @pytest.mark.slow  # several FFCV epochs
 def test_seed_fixes_batches_across_runs_and_thread_counts(digits_loader, digits_beton):
-    again = FFCVTwoViewLoader(digits_beton, 32, 16, seed=3, num_workers=2)
+    again = FFCVTwoViewLoader(digits_beton, 32, ViewCrop(16), Shard(seed=3), num_workers=2)
     for (a1, a2), (b1, b2) in zip(take(digits_loader), take(again)):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
     assert not torch.equal(take(digits_loader, epoch=1, count=1)[0][0], take(digits_loader, count=1)[0][0])
@@ -85,15 +86,15 @@ def test_resume_from_a_step_gives_the_same_batches(digits_loader):
 
 
 def test_indices_subset_and_too_small(id_beton):
-    loader = FFCVTwoViewLoader(id_beton, 4, 6, indices=range(8, 16), num_workers=1, scale=(0.5, 1.0))
+    loader = FFCVTwoViewLoader(id_beton, 4, ViewCrop(6, scale=(0.5, 1.0)), Shard(indices=range(8, 16)), num_workers=1)
     seen = sorted(int(v[0, 0, 0]) // 3 for view1, _ in loader.batches(0) for v in view1)
     assert loader.steps_per_epoch == 2 and seen == list(range(8, 16))
     with pytest.raises(ValueError, match="lower batch_size"):
-        FFCVTwoViewLoader(id_beton, 64, 6, world_size=2, num_workers=1)
+        FFCVTwoViewLoader(id_beton, 64, ViewCrop(6), Shard(world_size=2), num_workers=1)
 
 
 def _shard(rank, world_size, beton):
-    loader = FFCVTwoViewLoader(beton, 8, 6, rank, world_size, seed=1, num_workers=1)
+    loader = FFCVTwoViewLoader(beton, 8, ViewCrop(6), Shard(rank, world_size, seed=1), num_workers=1)
     assert loader.steps_per_epoch == 4
     return [[sorted(int(v[0, 0, 0]) // 3 for v in view1) for view1, _ in loader.batches(epoch)] for epoch in (0, 1)]
 
@@ -112,15 +113,15 @@ def test_missing_ffcv_gives_install_hint(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ffcv" else real(name, *a))
     with pytest.raises(ImportError, match="launch/install.sh --ffcv"):
-        FFCVTwoViewLoader("x.beton", 4, 8)
+        FFCVTwoViewLoader("x.beton", 4, ViewCrop(8))
 
 
 def test_quasi_random_order_single_rank(id_beton):
-    loader = FFCVTwoViewLoader(id_beton, 8, 6, num_workers=1, order="quasi_random", os_cache=False)
+    loader = FFCVTwoViewLoader(id_beton, 8, ViewCrop(6), num_workers=1, order="quasi_random", os_cache=False)
     ids = sorted(int(v[0, 0, 0]) // 3 for view1, _ in loader.batches(0, start_step=1) for v in view1)
     assert len(ids) == 56 and len(set(ids)) == 56
     with pytest.raises(ValueError, match="single-rank"):
-        FFCVTwoViewLoader(id_beton, 8, 6, rank=1, world_size=2, order="quasi_random")
+        FFCVTwoViewLoader(id_beton, 8, ViewCrop(6), Shard(rank=1, world_size=2), order="quasi_random")
 
 
 @pytest.mark.parametrize("flip_prob,flipped", [(0.0, False), (1.0, True)])
@@ -133,7 +134,8 @@ def test_flip_prob(tmp_path, flip_prob, flipped):
     path = str(tmp_path / "ramps.beton")
     DatasetWriter(path, {"image": RGBImageField(write_mode="raw"), "label": IntField()},
                   num_workers=1).from_indexed_dataset([(ramp, 0)] * 32)
-    loader = FFCVTwoViewLoader(path, 16, 8, num_workers=1, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=flip_prob)
+    loader = FFCVTwoViewLoader(path, 16, ViewCrop(8, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=flip_prob),
+                               num_workers=1)
     expected = torch.from_numpy(ramp).permute(2, 0, 1)
     expected = expected.flip(-1) if flipped else expected
     for view in take(loader, count=1)[0]:
@@ -141,7 +143,7 @@ def test_flip_prob(tmp_path, flip_prob, flipped):
 
 
 def test_jpeg_reduction_only_where_every_crop_stays_at_least_the_output_side():
-    from data.ffcv_loader import _jpeg_reduction
+    from data.ffcv_decoder import _jpeg_reduction
 
     def boxes(*sides):
         return np.array([[0, 0, h, w, 0] for h, w in sides], dtype=np.int64)
@@ -154,7 +156,7 @@ def test_jpeg_reduction_only_where_every_crop_stays_at_least_the_output_side():
 
 
 def test_crop_coordinates_map_to_the_reduced_image():
-    from data.ffcv_loader import _scaled
+    from data.ffcv_decoder import _scaled
 
     assert [_scaled(c, 4, 64) for c in (0, 1, 2, 100, 102, 255)] == [0, 0, 1, 25, 26, 64]
     assert _scaled(256, 8, 32) == 32 and _scaled(257, 8, 32) == 32  # clamped to the decoded size
@@ -172,7 +174,7 @@ def test_reduced_jpeg_decode_matches_a_full_decode_and_area_resize(tmp_path):
     path = str(tmp_path / "photo.beton")
     DatasetWriter(path, {"image": RGBImageField(write_mode="jpg", jpeg_quality=95), "label": IntField()},
                   num_workers=1).from_indexed_dataset([(photo, 0)] * 16)
-    loader = FFCVTwoViewLoader(path, 8, 32, num_workers=1, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0.0)
+    loader = FFCVTwoViewLoader(path, 8, ViewCrop(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0.0), num_workers=1)
     reference = torch.from_numpy(cv2.resize(photo, (32, 32), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)
     for view in take(loader, count=1)[0]:
         difference = (view.float() - reference.float()).abs()
@@ -192,7 +194,8 @@ def test_reduced_decode_keeps_random_crops_where_they_were(tmp_path):
     path = str(tmp_path / "coords.beton")
     DatasetWriter(path, {"image": RGBImageField(write_mode="jpg", jpeg_quality=100), "label": IntField()},
                   num_workers=1).from_indexed_dataset([(image, 0)] * 16)
-    loader = FFCVTwoViewLoader(path, 16, 32, num_workers=2, scale=(0.25, 0.25), ratio=(1.0, 1.0), flip_prob=0.0)
+    loader = FFCVTwoViewLoader(path, 16, ViewCrop(32, scale=(0.25, 0.25), ratio=(1.0, 1.0), flip_prob=0.0),
+                               num_workers=2)
     lefts = set()
     for view in take(loader, count=1)[0]:
         columns, rows = view[:, 0].float().mean(1), view[:, 1].float().mean(2)  # [n, 32] each
@@ -212,8 +215,8 @@ def test_loader_keeps_the_callers_torch_thread_count(id_beton):
     from pathlib import Path
 
     code = ("import torch; torch.set_num_threads(3)\n"
-            "from data.ffcv_loader import FFCVTwoViewLoader, beton_size\n"
-            f"n = beton_size({id_beton!r}); loader = FFCVTwoViewLoader({id_beton!r}, 8, 6, num_workers=2)\n"
+            "from data.ffcv_loader import FFCVTwoViewLoader, beton_size\nfrom data.views import ViewCrop\n"
+            f"n = beton_size({id_beton!r}); loader = FFCVTwoViewLoader({id_beton!r}, 8, ViewCrop(6), num_workers=2)\n"
             "batches = len(list(loader.batches(0)))\n"
             "print(n, batches, torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -227,7 +230,7 @@ def test_leaving_an_epoch_whose_batches_are_all_decoded_stops_its_thread_promptl
     its end-of-epoch marker: leaving the epoch must still end it, and at once."""
     import time
 
-    loader = FFCVTwoViewLoader(id_beton, 8, 6, num_workers=1, seed=5)
+    loader = FFCVTwoViewLoader(id_beton, 8, ViewCrop(6), Shard(seed=5), num_workers=1)
     batches = loader.batches(0)
     for _ in range(loader.steps_per_epoch - 3):
         next(batches)

@@ -5,6 +5,7 @@ import torch
 
 from data.sources import open_source
 from data.torchvision_loader import TorchvisionTwoViewLoader
+from data.views import Shard, ViewCrop
 
 
 def id_images(count=64):
@@ -25,7 +26,7 @@ def digits():
 
 
 def test_views_have_the_shape_and_differ(digits):
-    loader = TorchvisionTwoViewLoader(digits, 32, 16, seed=3)
+    loader = TorchvisionTwoViewLoader(digits, 32, ViewCrop(16), Shard(seed=3))
     assert loader.steps_per_epoch == 1797 // 32
     v1, v2 = take(loader, count=1)[0]
     assert v1.shape == v2.shape == (32, 3, 16, 16) and v1.dtype == v2.dtype == torch.uint8
@@ -33,32 +34,32 @@ def test_views_have_the_shape_and_differ(digits):
 
 
 def test_seed_fixes_batches_across_runs_and_worker_counts(digits):
-    a = take(TorchvisionTwoViewLoader(digits, 32, 16, seed=3))
-    b = take(TorchvisionTwoViewLoader(digits, 32, 16, seed=3, num_workers=2))
+    a = take(TorchvisionTwoViewLoader(digits, 32, ViewCrop(16), Shard(seed=3)))
+    b = take(TorchvisionTwoViewLoader(digits, 32, ViewCrop(16), Shard(seed=3), num_workers=2))
     for (a1, a2), (b1, b2) in zip(a, b):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
-    other_epoch = take(TorchvisionTwoViewLoader(digits, 32, 16, seed=3), epoch=1, count=1)[0]
-    other_seed = take(TorchvisionTwoViewLoader(digits, 32, 16, seed=4), count=1)[0]
+    other_epoch = take(TorchvisionTwoViewLoader(digits, 32, ViewCrop(16), Shard(seed=3)), epoch=1, count=1)[0]
+    other_seed = take(TorchvisionTwoViewLoader(digits, 32, ViewCrop(16), Shard(seed=4)), count=1)[0]
     assert not torch.equal(other_epoch[0], a[0][0]) and not torch.equal(other_seed[0], a[0][0])
 
 
 def test_resume_from_a_step_gives_the_same_batches(digits):
-    loader = TorchvisionTwoViewLoader(digits, 32, 16, seed=3)
+    loader = TorchvisionTwoViewLoader(digits, 32, ViewCrop(16), Shard(seed=3))
     full, resumed = take(loader, epoch=2, count=3), take(loader, epoch=2, start_step=2, count=1)[0]
     assert torch.equal(full[2][0], resumed[0]) and torch.equal(full[2][1], resumed[1])
     assert sum(1 for _ in loader.batches(0, start_step=loader.steps_per_epoch - 1)) == 1
 
 
 def test_indices_subset_and_too_small():
-    loader = TorchvisionTwoViewLoader(id_images(), 4, 6, indices=torch.arange(8, 16), scale=(0.5, 1.0))
+    loader = TorchvisionTwoViewLoader(id_images(), 4, ViewCrop(6, scale=(0.5, 1.0)), Shard(indices=torch.arange(8, 16)))
     seen = sorted(int(v[0, 0, 0]) // 3 for view1, _ in loader.batches(0) for v in view1)
     assert loader.steps_per_epoch == 2 and seen == list(range(8, 16))
     with pytest.raises(ValueError, match="cannot fill one batch"):
-        TorchvisionTwoViewLoader(id_images(), 64, 6, world_size=2)
+        TorchvisionTwoViewLoader(id_images(), 64, ViewCrop(6), Shard(world_size=2))
 
 
 def _shard(rank, world_size):
-    loader = TorchvisionTwoViewLoader(id_images(), 8, 6, rank, world_size, seed=1)
+    loader = TorchvisionTwoViewLoader(id_images(), 8, ViewCrop(6), Shard(rank, world_size, seed=1))
     assert loader.steps_per_epoch == 4
     return [[sorted(int(v[0, 0, 0]) // 3 for v in view1) for view1, _ in loader.batches(epoch)] for epoch in (0, 1)]
 
@@ -75,8 +76,8 @@ def test_two_ranks_get_disjoint_shards_covering_the_set(distributed_run):
 def test_flip_prob(flip_prob, flipped):
     """Identical left-to-right ramps, full-image crops: only a flip can change a view."""
     ramp = np.broadcast_to((np.arange(8, dtype=np.uint8) * 30)[None, :, None], (8, 8, 3)).copy()
-    loader = TorchvisionTwoViewLoader([(ramp, 0)] * 32, 16, 8, seed=0, scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                                      flip_prob=flip_prob)
+    loader = TorchvisionTwoViewLoader([(ramp, 0)] * 32, 16, ViewCrop(8, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                                                                    flip_prob=flip_prob), Shard(seed=0))
     expected = torch.from_numpy(ramp).permute(2, 0, 1)
     expected = expected.flip(-1) if flipped else expected
     for view in take(loader, count=1)[0]:
