@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_check
+from benchmarks import gpu_check, gpu_checks_setup, gpu_checks_speed
 
 REPO = Path(__file__).parents[2]
 CHECKS = {"a_cuda_tests", "b_step_modes", "c_resume", "d_memory_plan", "e_host_syncs", "f_throughput_mfu",
@@ -33,7 +33,8 @@ def test_dry_run_writes_a_passing_report(tmp_path):
     runs = checks["b_step_modes"]["runs"]
     assert len(runs) == 12 and all(r["ok"] for r in runs)
     ran = [r for r in runs if r["outcome"] == "ran"]
-    assert {(r["step_mode"], r["amp"], r["compile"]) for r in ran} >= {("direct", "fp16", True), ("cached", "bf16", True)}
+    assert {(r["step_mode"], r["amp"], r["compile"]) for r in ran} >= {("direct", "fp16", True),
+                                                                       ("cached", "bf16", True)}
     assert all(r["losses"][-1] < r["losses"][0] for r in ran)
     assert {r["step_mode"] for r in runs if r["outcome"] != "ran"} <= {"checkpoint"}
     assert checks["c_resume"]["bitwise_equal"] is True  # the CPU is deterministic: the resumed run is exact
@@ -41,7 +42,7 @@ def test_dry_run_writes_a_passing_report(tmp_path):
     assert checks["e_host_syncs"]["global_bn_layers"] > 0  # global BN really ran on the 1-rank group
     f = checks["f_throughput_mfu"]
     assert [r["step_mode"] for r in f["runs"]] == ["direct", "cached"] and all(r["views_per_s"] > 0 for r in f["runs"])
-    assert f["runs"][1]["views_per_device"] == 2 * gpu_check.SIZES["dry"]["cached_batch"]
+    assert f["runs"][1]["views_per_device"] == 2 * gpu_checks_setup.SIZES["dry"]["cached_batch"]
     g = checks["g_end_to_end"]
     assert g["synthetic_views_per_s"] > 0 and g["augment_views_per_s"] > 0
     assert g["augment_over_step"] == pytest.approx(g["augment_views_per_s"] / f["runs"][0]["views_per_s"])
@@ -86,10 +87,10 @@ def test_time_limit_interrupts():
 
 def test_resnet50_flops_match_torchvisions_published_count():
     # torchvision lists 4.09 GMACs for a ResNet-50 forward at 224 px; training = 3 x forward, 2 FLOPs per MAC
-    assert gpu_check.flops_per_view("resnet50", 224) == pytest.approx(3 * 2 * 4.09e9, rel=0.03)
+    assert gpu_checks_speed.flops_per_view("resnet50", 224) == pytest.approx(3 * 2 * 4.09e9, rel=0.03)
 
 
 def test_peak_flops_from_the_device_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    assert gpu_check.peak_flops(torch.device("cuda", 0)) == ("H200", 989e12)
-    assert gpu_check.peak_flops(torch.device("cpu")) == (None, None)
+    assert gpu_checks_speed.peak_flops(torch.device("cuda", 0)) == ("H200", 989e12)
+    assert gpu_checks_speed.peak_flops(torch.device("cpu")) == (None, None)
