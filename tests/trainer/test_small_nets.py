@@ -1,24 +1,61 @@
-"""Small backbones: shapes and stems, seeded init (the random-init row rebuilds it), the work they save, training."""
+"""Small backbones: torchvision's ResNet computation (both stems), seeded init (the random-init row rebuilds it),
+the work they save, training."""
 import pytest
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.resnet import BasicBlock, ResNet
 
 from trainer.config import ConfigError, ModelConfig
 from trainer.model import build_backbone, build_model, enable_activation_checkpointing
 from trainer.small_nets import SmallResNet
 
 
-@pytest.mark.parametrize("name,feature_dim", [("resnet8", 128), ("resnet8_wide", 256)])
-@pytest.mark.parametrize("small_stem,size,final_side", [(True, 16, 4), (True, 8, 2), (False, 32, 2)])
-def test_features_and_resolution(name, feature_dim, small_stem, size, final_side):
-    net, dim = build_backbone(name, small_stem)
-    assert dim == feature_dim
+def torchvision_reference(stages: int, small_stem: bool) -> nn.Module:
+    """torchvision's own ResNet with one BasicBlock per stage (its widths 64-128-256-512), cut after `stages`
+    stages, with the SimCLR paper's small stem where asked: what resnet10 (4 stages) and resnet8_wide (3) are."""
+    net = ResNet(BasicBlock, [1, 1, 1, 1])
+    if small_stem:
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    for i in range(stages + 1, 5):
+        setattr(net, f"layer{i}", nn.Identity())
+    net.fc = nn.Linear(64 * 2 ** (stages - 1), 10)  # fc sized to the last stage kept (its output is not compared)
+    return net
+
+
+def pooled_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's forward up to its fc layer (a hook on fc's input)."""
     seen = {}
-    net.layer3.register_forward_hook(lambda module, inputs, output: seen.update(shape=output.shape))
-    assert net(torch.randn(3, 3, size, size)).shape == (3, feature_dim)
-    # small stem: only the two stride-2 blocks downsample; torchvision's stem divides by 4 first
-    assert seen["shape"] == (3, feature_dim, final_side, final_side)
+    net.fc.register_forward_hook(lambda module, inputs, output: seen.update(h=inputs[0]))
+    net(x)
+    return seen["h"]
+
+
+@pytest.mark.parametrize("name,stages,feature_dim,small_stem,size", [
+    ("resnet10", 4, 512, True, 16), ("resnet10", 4, 512, False, 32),
+    ("resnet8_wide", 3, 256, True, 8), ("resnet8_wide", 3, 256, False, 32)])
+def test_same_network_as_torchvisions_resnet(name, stages, feature_dim, small_stem, size):
+    """Loaded with the same weights, the small network computes what torchvision's ResNet computes (every
+    tensor in its place: same names, shapes, strides, shortcuts); only fc is torchvision's own."""
+    torch.manual_seed(0)
+    net, dim = build_backbone(name, small_stem)
+    reference = torchvision_reference(stages, small_stem)
+    missing, unexpected = reference.load_state_dict(net.state_dict(), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    x = torch.randn(3, 3, size, size)
+    features = net(x)
+    assert dim == feature_dim and features.shape == (3, feature_dim)
+    torch.testing.assert_close(features, pooled_features(reference, x))
+
+
+def test_resnet8_is_resnet8_wide_at_half_the_width():
+    """resnet8 has no torchvision counterpart (torchvision's BasicBlock ResNets start at 64 channels): the same
+    tensors as resnet8_wide (checked against torchvision above), each channel count halved."""
+    narrow, wide = build_backbone("resnet8", True)[0].state_dict(), build_backbone("resnet8_wide", True)[0].state_dict()
+    assert list(narrow) == list(wide)
+    for key, tensor in wide.items():
+        halved = tuple(d if (i == 1 and tensor.shape[1] == 3) else d // 2 for i, d in enumerate(tensor.shape[:2]))
+        assert tuple(narrow[key].shape) == halved + tuple(tensor.shape[2:]), key  # the RGB input stays 3
 
 
 def test_same_seed_same_network():
@@ -31,7 +68,8 @@ def test_same_seed_same_network():
     c, _ = build_backbone("resnet8", True)
     for (key, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
         assert torch.equal(x, y), key
-    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+        if key.endswith("conv1.weight") or key.endswith("conv2.weight") or key.endswith("downsample.0.weight"):
+            assert not torch.equal(x, z), key  # every random tensor comes from the seed (BN's are constants)
 
 
 def test_torchvision_initialization():
