@@ -1,10 +1,12 @@
-"""Run logging across a resume: records after the resumed step leave metrics.jsonl and TensorBoard."""
+"""Run logging across a resume (records after the resumed step leave metrics.jsonl and TensorBoard), and the
+interval meter's sums and first non-finite step."""
 import json
 import time
 
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.metrics import RunLogger
+from trainer.metrics import RunLogger, StepMeter
 
 
 def test_resume_drops_the_records_it_will_write_again(tmp_path):
@@ -35,3 +37,18 @@ def test_disabled_logger_writes_nothing(tmp_path):
     log.log(1, {"loss": 1.0})
     log.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_step_meter_sums_an_interval_and_keeps_the_first_non_finite_step():
+    """The engine logs sums[:2] / steps as the interval's loss and top-1, and stops naming first_bad_step when
+    the non-finite count is not zero: a later bad step must not move the first one."""
+    meter = StepMeter(torch.device("cpu"))
+    for step, loss, top1 in [(1, 2.0, 0.5), (2, 4.0, 0.25)]:
+        meter.add(step, torch.tensor(loss), torch.tensor(top1))
+    assert meter.sums.tolist() == [6.0, 0.75, 0.0] and meter.timer.steps == 2
+    assert meter.first_bad_step.item() == -1
+    meter.reset()
+    assert meter.sums.tolist() == [0.0, 0.0, 0.0] and meter.timer.steps == 0
+    for step, loss in [(3, 1.0), (4, float("nan")), (5, float("inf")), (6, 1.0)]:
+        meter.add(step, torch.tensor(loss), torch.tensor(1.0))
+    assert meter.first_bad_step.item() == 4 and meter.sums[1:].tolist() == [4.0, 2.0]
