@@ -99,9 +99,26 @@ def test_batchnorm_running_stats_advance_once_per_step_from_the_chunks(chunk_siz
 
 
 def test_auto_chunk_size():
+    # 0.7 x 80 GB / 50 MB = 1120 views fit: the largest power of two below is 1024
     assert auto_chunk_size(2048, bytes_per_view=50e6, free_bytes=80e9) == 1024
-    assert auto_chunk_size(64, bytes_per_view=1e3, free_bytes=80e9) == 64
-    assert auto_chunk_size(64, bytes_per_view=1e12, free_bytes=1e9) == 1
+    assert auto_chunk_size(64, bytes_per_view=1e3, free_bytes=80e9) == 64  # the rank's views bound it
+    assert auto_chunk_size(64, bytes_per_view=1e12, free_bytes=1e9) == 1  # nothing fits: one view at a time
+
+
+@pytest.mark.parametrize("per_rank_views", [1, 3, 64, 96, 2048])
+@pytest.mark.parametrize("bytes_per_view", [1e3, 7e6, 50e6, 1e12])
+def test_auto_chunk_size_is_the_largest_power_of_two_that_fits(per_rank_views, bytes_per_view):
+    """Checked against its definition, not its loop: a power of two within the rank's views whose activations
+    fit in 70% of the free memory, and the next power of two would not (or one view when none fits)."""
+    free = 10e9
+    size = auto_chunk_size(per_rank_views, bytes_per_view, free)
+    assert size >= 1 and size & (size - 1) == 0
+
+    def fits(views: int) -> bool:
+        return views <= per_rank_views and views * bytes_per_view <= 0.7 * free
+
+    assert fits(size) or size == 1
+    assert not fits(2 * size)
 
 
 def _rank_bn_buffers(rank, world_size):
