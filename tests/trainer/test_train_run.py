@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +11,28 @@ import pytest
 import torch
 
 from trainer import checkpoint
+from trainer.config_load import load_config
 from trainer.main import main
+from trainer.model import build_model
 
 REPO = Path(__file__).parents[2]
-TINY = ["--config", str(REPO / "configs/quickstart.yaml"), "dataset.name=synthetic", "dataset.synthetic_size=96", "dataset.input_shape=(16,16,3)",
-        "model.small_stem=true", "model.out_dim=16", "batch_size=16", "epochs=2", "log_every_n_steps=2",
-        "eval.final_probe=false", "eval.knn_monitor=false", "amp=off", "optim.warmup_epochs=1"]
+TINY = ["--config", str(REPO / "configs/quickstart.yaml"), "dataset.name=synthetic", "dataset.synthetic_size=96",
+        "dataset.input_shape=(16,16,3)", "model.small_stem=true", "model.out_dim=16", "batch_size=16", "epochs=2",
+        "log_every_n_steps=2", "eval.final_probe=false", "eval.knn_monitor=false", "amp=off", "optim.warmup_epochs=1"]
 
 
 def final_state(output_dir):
     state, _ = checkpoint.load_latest(output_dir)
     return state
+
+
+def train_intervals(output_dir) -> dict:
+    """metrics.jsonl's train records keyed by the steps each one averages over: (previous logged step, step]."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    steps = [0] + [r["step"] for r in train]
+    assert steps == sorted(set(steps)), steps  # each step logged once, in order (a resume rewrites none twice)
+    return {(start, r["step"]): r for start, r in zip(steps, train)}
 
 
 def test_resume_is_bitwise_identical(tmp_path):
@@ -37,8 +49,14 @@ def test_resume_is_bitwise_identical(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    lines = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
-    assert any(r["kind"] == "train" and "loss" in r for r in lines)
+    # the log after the resume: where the two runs averaged over the same steps, the same numbers (the first part
+    # ends at an interval of its own, the stop step, and the resumed part's first interval starts there)
+    straight_log, split_log = train_intervals(straight), train_intervals(split)
+    same = sorted(straight_log.keys() & split_log.keys())
+    assert same[0][0] == 0 and same[-1][1] == total and len(same) >= 3, same
+    for interval in same:
+        for key in ("loss", "contrastive_top1", "lr"):
+            assert split_log[interval][key] == straight_log[interval][key], (interval, key)
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_checkpoints(tmp_path, capsys):
@@ -71,12 +89,22 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert "world size 2" in proc.stdout
     state = torch.load(checkpoint.list_checkpoints(out)[-1], weights_only=True)
     assert state["step"] == 4 and state["world_size"] == 2
+    # both ranks end with the checkpoint's weights: each prints the sum of its parameters, recomputed here from
+    # the checkpoint (DDP keeps the ranks equal; a rank that trained alone would print another sum)
+    cfg = load_config(out / "config.yaml")
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    expected = float(sum(p.detach().double().sum() for p in model.parameters()))
+    printed = re.findall(r"\[rank (\d)\] step 4: parameter checksum (\S+)", proc.stdout)
+    assert sorted(rank for rank, _ in printed) == ["0", "1"]
+    assert all(float(value) == pytest.approx(expected, rel=1e-11) for _, value in printed)
+    # TensorBoard and metrics.jsonl hold the same losses
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
-    losses = events.Scalars("train/loss")
-    assert [e.step for e in losses] == [2, 4] and all(e.value > 0 for e in losses)
-    assert (out / "config.yaml").is_file()
+    logged = {step: r["loss"] for (_, step), r in train_intervals(out).items()}
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == \
+        [(step, round(loss, 4)) for step, loss in logged.items()] and list(logged) == [2, 4]
 
 
 @pytest.mark.slow
