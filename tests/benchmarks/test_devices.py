@@ -76,8 +76,15 @@ def test_loader_augments_on_the_device_given(two_gpus, monkeypatch, tmp_path):
     assert report["config"]["device"] == "cuda:1"
 
 
-def test_device_arg_is_argparse_type():
+def test_device_argument_normalizes_and_stops_at_parsing_naming_the_forms(capsys):
     parser = argparse.ArgumentParser()
     common.add_device_argument(parser)
     assert parser.parse_args([]).device == "auto"
-    assert parser.parse_args(["--device", "cpu"]).device == "cpu"
+    assert parser.parse_args(["--device", " CPU "]).device == "cpu"  # as typed in a job script
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--device", "gpu"])
+    assert exit_info.value.code == 2
+    assert "--device 'gpu': use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    other = argparse.ArgumentParser()
+    common.add_device_argument(other, default="cpu")  # benchmarks.ddp's default
+    assert other.parse_args([]).device == "cpu"
