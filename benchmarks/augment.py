@@ -20,15 +20,13 @@ from typing import Callable
 import torch
 
 from benchmarks.common import add_device_argument, emit, environment, resolve_device, sync
-from data.augment import SimCLRAugment, random_resized_crop_flip
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from data.augment import IMAGENET_MEAN, IMAGENET_STD, SimCLRAugment, normalize, random_resized_crop_flip
 
 
 def photo_batch(batch: int, size: int, device: torch.device) -> torch.Tensor:
     """uint8 [batch, 3, size, size]: random crops of scikit-learn's sample photographs, resized to `size`."""
-    from sklearn.datasets import load_sample_image
     import torchvision.transforms.v2.functional as TF
+    from sklearn.datasets import load_sample_image
 
     photos = [torch.from_numpy(load_sample_image(n).copy()).permute(2, 0, 1) for n in ("china.jpg", "flower.jpg")]
     g = torch.Generator().manual_seed(0)
@@ -40,19 +38,14 @@ def photo_batch(batch: int, size: int, device: torch.device) -> torch.Tensor:
     return torch.stack(crops).to(device)
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def _kornia_case(images: torch.Tensor) -> tuple[Callable[[], object] | None, str | None]:
     try:
         import kornia.augmentation as K
     except ImportError:
         return None, "kornia not importable: pip install kornia for this comparison"
+    kornia_normalize = K.Normalize(torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD))
     pipeline = torch.nn.Sequential(K.ColorJitter(0.8, 0.8, 0.8, 0.2, p=0.8), K.RandomGrayscale(p=0.2),
-                                   K.Normalize(torch.tensor(MEAN), torch.tensor(STD))).to(images.device)
+                                   kornia_normalize).to(images.device)
     return lambda: pipeline(images.float() / 255), None
 
 
@@ -64,7 +57,7 @@ def _torchvision_cases(images: torch.Tensor) -> tuple[Callable[[], object], Call
     crop = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
 
     def colors():
-        return _normalize(torch.stack([color(img) for img in images.float() / 255]))
+        return normalize(torch.stack([color(img) for img in images.float() / 255]))
 
     def crops():
         return torch.stack([crop(img) for img in images])

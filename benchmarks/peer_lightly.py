@@ -7,8 +7,9 @@ lightly (a benchmark-only dependency: `pip install .[peer]`, never the trainer's
 SimCLRTransform on PIL images in a 2-worker DataLoader, one process, as its examples do. Everything else is the
 same for both: the network (trainer.model.build_model, seeded alike), the training images (the digits pool minus
 the held-out test split and dataset.valid_size, as trainer.inputs builds them), batch, temperature, the learning-
-rate schedule (trainer.optim.lr_at), and the evaluation (trainer.evaluation.monitor.probe_rows: linear probe and centered
-kNN of the backbone on the held-out test split, next to the random init; PCA rows from trainer.evaluation.probe).
+rate schedule (trainer.optim.lr_at), and the evaluation (trainer.evaluation.monitor.probe_rows: linear probe and
+centered kNN of the backbone on the held-out test split, next to the random init; PCA rows from
+trainer.evaluation.probe).
 
 A variant is a name with optional settings after colons:
   project[:key=value...]   `python -m trainer.main` with the config, the epochs and these overrides
@@ -39,30 +40,25 @@ REPO = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------------- the shared data
 def pretrain_and_labeled(cfg):
-    """(images uint8 [N,3,S,S], pretraining indices, LabeledSplit): exactly what trainer.inputs gives the run."""
-    from data.digits import load_digits_uint8
-    from data.memory_loader import split_indices
-    from trainer.inputs import LabeledSplit
-    from trainer.evaluation.probe import stratified_split
+    """(images uint8 [N,3,S,S], pretraining indices, LabeledSplit): what trainer.inputs gives the run, from it."""
+    from trainer.distributed import DistContext
+    from trainer.inputs import build_pretrain_data
 
-    if cfg.dataset.name != "digits":
-        raise SystemExit("the peer comparison runs on digits (dataset.name=digits)")
-    images, labels = load_digits_uint8(cfg.dataset.image_size)
-    pool, test = stratified_split(labels, cfg.eval.test_fraction, seed=cfg.seed)
-    train_rel, _ = split_indices(len(pool), cfg.dataset.valid_size, seed=cfg.seed)
-    labeled = LabeledSplit(images[pool], labels[pool], images[test], labels[test])
-    return images, pool[train_rel], labeled
+    if cfg.dataset.name != "digits" or cfg.dataset.loader != "memory":
+        raise SystemExit("the peer comparison runs on digits held in memory (dataset.name=digits, loader=memory)")
+    data = build_pretrain_data(cfg, DistContext(0, 0, 1, torch.device("cpu"), "gloo"))
+    return data.train.images, data.train.indices, data.labeled
 
 
 def pca_rows(labeled, cfg) -> dict:
-    from trainer.evaluation.probe import knn_classify, linear_probe, pca_features
+    from trainer.evaluation.probe import KNNOptions, knn_classify, linear_probe, pca_features
 
     raw_tr = labeled.train_images.flatten(1).float() / 255
     raw_te = labeled.test_images.flatten(1).float() / 255
-    tr, te = pca_features(raw_tr, raw_te, dim=min(256, raw_tr.shape[1]), seed=cfg.seed)
+    tr, te = pca_features(raw_tr, raw_te, dim=min(256, raw_tr.shape[1]))
+    knn = KNNOptions(k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     return {"linear_top1": linear_probe(tr, labeled.train_labels, te, labeled.test_labels, seed=cfg.seed)["top1"],
-            "knn_top1": knn_classify(tr, labeled.train_labels, te, labeled.test_labels, k=cfg.eval.knn_k,
-                                     temperature=cfg.eval.knn_temperature)["top1"]}
+            "knn_top1": knn_classify(tr, labeled.train_labels, te, labeled.test_labels, knn)["top1"]}
 
 
 # ----------------------------------------------------------------------------- this project
@@ -122,9 +118,9 @@ def run_lightly(cfg, images, train_idx, labeled, options: dict, threads: int) ->
     from lightly.transforms import SimCLRTransform
     from lightly.utils.lars import LARS as LightlyLARS
 
-    from trainer.model import build_model
     from trainer.evaluation.monitor import probe_rows
-    from trainer.optim import LARS, lr_at, param_groups
+    from trainer.model import build_model
+    from trainer.optim import LARS, lr_at, param_groups, set_lr
 
     torch.set_num_threads(threads)
     d = cfg.dataset
@@ -160,8 +156,7 @@ def run_lightly(cfg, images, train_idx, labeled, options: dict, threads: int) ->
     for _ in range(cfg.epochs):
         start = time.perf_counter()
         for x0, x1 in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.final_lr)
+            set_lr(optimizer, lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.final_lr))
             if joint:
                 z0, z1 = model(torch.cat([x0, x1])).chunk(2)
             else:

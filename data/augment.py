@@ -26,6 +26,9 @@ LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, the constants of torchvision'
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # op ids as torchvision ColorJitter's fn_idx
 CROP_TRIES = 10
 CPU_CHUNK_BYTES = 2 << 20  # float32 pixels per chunk on the CPU
+# ImageNet's channel statistics: every model input is normalized with them (SimCLRAugment's views, normalize's images)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------- randomness
@@ -153,6 +156,15 @@ def solarize(x: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0, 1] float) [B, 3, H, W] -> float32 (x - IMAGENET_MEAN) / IMAGENET_STD: the step SimCLRAugment
+    ends with, alone (evaluation and fine-tuning see unaugmented images normalized as pretraining saw its views)."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 # ----------------------------------------------------------------------------- the color pipeline
 @dataclass
 class AugmentParams:
@@ -171,17 +183,18 @@ class SimCLRAugment:
 
     Color jitter (brightness, contrast, saturation 0.8*s, hue 0.2*s; the four ops in a random order per sample)
     with prob jitter_prob, grayscale with grayscale_prob, Gaussian blur (kernel ~10% of the side, sigma in
-    [0.1, 2]) with blur_prob, solarization (threshold 0.5) with solarize_prob, then (x - mean) / std.
+    [0.1, 2]) with blur_prob, solarization (threshold 0.5) with solarize_prob, then normalize's
+    (x - IMAGENET_MEAN) / IMAGENET_STD.
     """
 
     def __init__(self, strength: float = 1.0, jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
-                 blur_prob: float = 0.0, solarize_prob: float = 0.0, mean=(0.485, 0.456, 0.406),
-                 std=(0.229, 0.224, 0.225)):
+                 blur_prob: float = 0.0, solarize_prob: float = 0.0):
         if not 0.0 <= strength <= 2.5:
             raise ValueError(f"strength={strength}: must be in [0, 2.5] (hue 0.2 * strength is at most half a turn)")
         self.strength, self.jitter_prob, self.grayscale_prob = strength, jitter_prob, grayscale_prob
         self.blur_prob, self.solarize_prob = blur_prob, solarize_prob
-        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def sample(self, batch: int, generator: torch.Generator | None, device: torch.device) -> AugmentParams:
@@ -233,9 +246,11 @@ class SimCLRAugment:
 
 
 # ----------------------------------------------------------------------------- geometry
-def _boxes(batch: int, height: int, width: int, generator, device, scale, ratio) -> torch.Tensor:
-    """[B, 4] int64 (top, left, h, w) as torchvision's RandomResizedCrop.get_params: the first of 10 tries that
-    fits, else its center-crop fallback. Draws: areas, aspect ratios (both [B, 10]), tops, lefts ([B])."""
+def crop_boxes(batch: int, height: int, width: int, generator: torch.Generator | None = None,
+               device=torch.device("cpu"), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """[B, 4] int64 (top, left, h, w) as torchvision's RandomResizedCrop.get_params, vectorized over samples and
+    tries: the first of 10 tries that fits, else its center-crop fallback. Draws: areas, aspect ratios (both
+    [B, 10]), tops, lefts ([B])."""
     t = CROP_TRIES
     u = torch.cat([uniform((batch, t), generator, device), uniform((batch, t), generator, device),
                    uniform((batch, 1), generator, device), uniform((batch, 1), generator, device)], dim=1).double()
@@ -257,12 +272,6 @@ def _boxes(batch: int, height: int, width: int, generator, device, scale, ratio)
     any_fits = fits.any(dim=1)
     fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)
     return torch.stack([torch.where(any_fits, v, f) for v, f in zip((top, left, h, w), fallback)], dim=1).long()
-
-
-def crop_boxes(batch: int, height: int, width: int, generator: torch.Generator | None = None,
-               device=torch.device("cpu"), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """[B, 4] int64 (top, left, h, w): torchvision's RandomResizedCrop boxes, vectorized over samples and tries."""
-    return _boxes(batch, height, width, generator, device, scale, ratio)
 
 
 def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
@@ -300,7 +309,7 @@ def random_resized_crop_flip(images: torch.Tensor, size: int, generator: torch.G
     """uint8 [B, C, H, W] -> uint8 [B, C, size, size] (float in -> float out): a random-resized crop per sample
     (torchvision's box distribution and antialiased bilinear resize), then a horizontal flip with flip_prob."""
     b, _, height, width = images.shape
-    boxes = _boxes(b, height, width, generator, images.device, scale, ratio)
+    boxes = crop_boxes(b, height, width, generator, images.device, scale, ratio)
     out = resized_crop(images, boxes, size, uniform((b,), generator, images.device) < flip_prob)
     if images.dtype == torch.uint8:
         return out.round_().clamp_(0, 255).to(torch.uint8)

@@ -7,13 +7,11 @@ import torch
 
 from data.augment import SimCLRAugment
 from data.digits import load_digits_uint8, synthetic_images
-from data.memory_loader import MemoryTwoViewLoader, split_indices
+from data.memory_loader import MemoryTwoViewLoader
+from data.splits import split_indices, stratified_split
+from data.views import Shard, ViewCrop
 from trainer.config import Config
 from trainer.distributed import DistContext
-from trainer.evaluation.probe import stratified_split
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -37,14 +35,7 @@ class PretrainData:
 def build_augment(cfg: Config) -> SimCLRAugment:
     d = cfg.dataset
     return SimCLRAugment(strength=d.s, jitter_prob=d.jitter_prob, grayscale_prob=d.grayscale_prob,
-                         blur_prob=d.blur_prob, solarize_prob=d.solarize_prob, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float normalized with the same statistics the augmentation ends with."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+                         blur_prob=d.blur_prob, solarize_prob=d.solarize_prob)
 
 
 def _in_memory(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,17 +45,16 @@ def _in_memory(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     return synthetic_images(cfg.dataset.synthetic_size, size, seed=cfg.seed)
 
 
-def _two_view_loader(cfg: Config, ctx: DistContext, indices, batch_size: int, seed: int, images=None, source=None):
+def _two_view_loader(cfg: Config, ctx: DistContext, shard: Shard, batch_size: int, images=None, source=None):
     d = cfg.dataset
-    common = dict(batch_size=batch_size, image_size=d.image_size, rank=ctx.rank, world_size=ctx.world_size,
-                  seed=seed, indices=indices, scale=(d.crop_min_scale, 1.0), flip_prob=d.flip_prob)
+    crop = ViewCrop(d.image_size, scale=(d.crop_min_scale, 1.0), flip_prob=d.flip_prob)
     if d.loader == "memory":
-        return MemoryTwoViewLoader(images, device=ctx.device, **common)
+        return MemoryTwoViewLoader(images, batch_size, crop, shard, device=ctx.device)
     if d.loader == "torchvision":
         from data.torchvision_loader import TorchvisionTwoViewLoader
-        return TorchvisionTwoViewLoader(source, num_workers=d.num_workers, device=ctx.device, **common)
+        return TorchvisionTwoViewLoader(source, batch_size, crop, shard, num_workers=d.num_workers, device=ctx.device)
     from data.ffcv_loader import FFCVTwoViewLoader
-    return FFCVTwoViewLoader(d.path, num_workers=max(1, d.num_workers), device=ctx.device, **common)
+    return FFCVTwoViewLoader(d.path, batch_size, crop, shard, num_workers=max(1, d.num_workers), device=ctx.device)
 
 
 def build_pretrain_data(cfg: Config, ctx: DistContext) -> PretrainData:
@@ -88,9 +78,11 @@ def build_pretrain_data(cfg: Config, ctx: DistContext) -> PretrainData:
     pool = torch.arange(count) if pool is None else pool
     train_rel, valid_rel = split_indices(len(pool), d.valid_size, seed=cfg.seed)
     train_idx, valid_idx = pool[train_rel], pool[valid_rel]
-    train = _two_view_loader(cfg, ctx, train_idx, per_rank_batch, cfg.seed, images, source)
+    train = _two_view_loader(cfg, ctx, Shard(ctx.rank, ctx.world_size, cfg.seed, train_idx), per_rank_batch,
+                             images, source)
     valid = None
     valid_batch = min(per_rank_batch, len(valid_idx) // ctx.world_size)
     if valid_batch >= 2:  # the validation loss needs at least one pair of negatives per rank
-        valid = _two_view_loader(cfg, ctx, valid_idx, valid_batch, cfg.seed + 1, images, source)
+        valid = _two_view_loader(cfg, ctx, Shard(ctx.rank, ctx.world_size, cfg.seed + 1, valid_idx), valid_batch,
+                                 images, source)
     return PretrainData(train, valid, build_augment(cfg), labeled)

@@ -30,7 +30,7 @@ def photo_crops(count: int, side: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     tops = torch.randint(0, 427 - side + 1, (count,), generator=g).tolist()
     lefts = torch.randint(0, 640 - side + 1, (count,), generator=g).tolist()
-    return torch.stack([photos[i % 2][:, t:t + side, l:l + side] for i, (t, l) in enumerate(zip(tops, lefts))])
+    return torch.stack([photos[i % 2][:, t:t + side, x:x + side] for i, (t, x) in enumerate(zip(tops, lefts))])
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +157,6 @@ def test_random_resized_crop_flip_shape_reproducibility_and_flip_rate():
 
 
 # ----------------------------------------------------------------------------- the pipeline
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def reference_pipeline(images: torch.Tensor, p: A.AugmentParams, kernel_size: int) -> torch.Tensor:
     """torchvision's functional ops, one sample at a time, with the parameters SimCLRAugment drew."""
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
@@ -174,7 +171,7 @@ def reference_pipeline(images: torch.Tensor, p: A.AugmentParams, kernel_size: in
             img = TF.gaussian_blur(img, [kernel_size] * 2, [float(p.sigma[i])] * 2)
         if p.solarize[i]:
             img = TF.solarize(img, 0.5)
-        out.append(TF.normalize(img, MEAN, STD))
+        out.append(TF.normalize(img, A.IMAGENET_MEAN, A.IMAGENET_STD))
     return torch.stack(out)
 
 
@@ -231,6 +228,18 @@ def test_grayscale_rate_seen_in_the_output():
     out = aug(images, torch.Generator().manual_seed(1)) * aug.std + aug.mean
     gray = (out.amax(dim=1) - out.amin(dim=1)).amax(dim=(1, 2)) < 1e-5
     assert abs(gray.float().mean() - 0.2) < 4 * math.sqrt(0.16 / 2000)
+
+
+def test_normalize_is_the_pipelines_last_step_alone():
+    """Evaluation images are normalized as pretraining views are: torchvision's normalize with the same statistics,
+    and what SimCLRAugment returns when no color op fires."""
+    images = photo_crops(8, 16, seed=10)
+    expected = TF.normalize(images.float() / 255, A.IMAGENET_MEAN, A.IMAGENET_STD)
+    torch.testing.assert_close(A.normalize(images), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(A.normalize(images.float() / 255), expected, atol=1e-6, rtol=0)  # [0, 1] floats
+    no_color = A.SimCLRAugment(jitter_prob=0.0, grayscale_prob=0.0)
+    torch.testing.assert_close(no_color(images, torch.Generator().manual_seed(0)), A.normalize(images), atol=1e-6,
+                               rtol=0)
 
 
 def test_strength_must_keep_hue_within_half_a_turn():

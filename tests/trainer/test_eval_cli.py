@@ -1,15 +1,16 @@
-"""The evaluation and fine-tuning commands on digits: an exported backbone evaluates, subsets are balanced."""
+"""The evaluation and fine-tuning commands on digits: an exported backbone evaluates, fine-tuning learns."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from data.splits import balanced_subset, stratified_split
 from trainer import checkpoint
 from trainer.config import ModelConfig
 from trainer.evaluation.evaluate import main as eval_main
+from trainer.evaluation.finetune import FinetuneOptions, finetune
 from trainer.export import export_backbone
-from trainer.evaluation.finetune import balanced_subset, finetune
 from trainer.model import build_backbone, build_model
 
 
@@ -37,13 +38,6 @@ def test_missing_checkpoint_is_named(capsys):
     assert "no/such/run" in capsys.readouterr().err
 
 
-def test_balanced_subset():
-    labels = torch.tensor([0] * 100 + [1] * 50 + [2] * 3)
-    subset = balanced_subset(labels, 0.1, seed=0)
-    counts = torch.bincount(labels[subset], minlength=3).tolist()
-    assert counts == [10, 5, 1] and len(set(subset.tolist())) == len(subset)
-
-
 @pytest.mark.slow  # trains and evaluates a model
 def test_finetune_learns_digits_from_ten_percent_of_labels():
     from data.digits import load_digits_uint8
@@ -52,8 +46,9 @@ def test_finetune_learns_digits_from_ten_percent_of_labels():
     subset = balanced_subset(labels[:1200], 0.1, seed=0)
     torch.manual_seed(0)
     backbone, _ = build_backbone("resnet18", small_stem=True)
-    result = finetune(backbone, images[subset], labels[subset], images[1200:], labels[1200:], epochs=15, lr=0.05,
-                      batch_size=32, device=torch.device("cpu"), seed=0)
+    options = FinetuneOptions(epochs=15, lr=0.05, batch_size=32)
+    result = finetune(backbone, (images[subset], labels[subset]), (images[1200:], labels[1200:]), options,
+                      device=torch.device("cpu"), seed=0)
     assert result["train_images"] == len(subset) and result["top1"] > 0.25  # chance is 0.1
 
 
@@ -84,7 +79,6 @@ def test_validation_split_is_carved_from_the_training_part_only():
     out entirely (choosing a recipe there cannot see a test image, labeled or not)."""
     from data.digits import load_digits_uint8
     from trainer.evaluation.evaluate import labeled_splits
-    from trainer.evaluation.probe import stratified_split
 
     images, labels = load_digits_uint8(8)
     train_idx, test_idx = stratified_split(labels, 0.3, seed=5)

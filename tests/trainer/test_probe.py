@@ -1,4 +1,5 @@
-"""Linear probe, weighted kNN and PCA against independent computations (scikit-learn, direct loops)."""
+"""Linear probe, weighted kNN, PCA and the results table against independent computations (scikit-learn, direct
+loops, the seed's table format)."""
 import numpy as np
 import pytest
 import torch
@@ -7,7 +8,8 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from trainer.evaluation.probe import knn_classify, knn_scores, linear_probe, markdown_table, pca_features, result_row
+from trainer.evaluation.probe import KNNOptions, ProbeOptions, knn_classify, knn_scores, linear_probe, pca_features
+from trainer.evaluation.report import markdown_table, result_row
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,20 @@ def test_linear_probe_close_to_sklearn_on_digits(digits_split):
     assert ours > 0.93
 
 
+def test_minibatch_solver_reaches_the_lbfgs_optimum_on_digits(digits_split):
+    """The streamed Adam solver (for sets too large for L-BFGS) fits the same objective as L-BFGS: at one weight
+    decay the two classifiers agree within a few test images, and the streamed fit is deterministic given the seed."""
+    x_tr, x_te, y_tr, y_te = digits_split
+    exact = linear_probe(x_tr, y_tr, x_te, y_te, ProbeOptions(weight_decays=(1e-2,), solver="lbfgs"), device="cpu")
+    options = ProbeOptions(weight_decays=(1e-2,), solver="minibatch", epochs=40, batch_size=256, lr=3e-2)
+    streamed = linear_probe(x_tr, y_tr, x_te, y_te, options, device="cpu")
+    assert exact["solver"] == "lbfgs" and streamed["solver"] == "minibatch"
+    assert streamed["top1"] == pytest.approx(exact["top1"], abs=0.015)
+    assert linear_probe(x_tr, y_tr, x_te, y_te, options, device="cpu") == streamed
+    with pytest.raises(ValueError, match="solver"):
+        linear_probe(x_tr, y_tr, x_te, y_te, ProbeOptions(solver="sgd"))
+
+
 def brute_force_knn(train_x, train_y, test_x, k, temperature, num_classes, center=True):
     """Direct loops: (centered) cosine similarity, top-k neighbours, votes exp(sim / T) summed per class."""
     mean = train_x.mean(0) if center else np.zeros(train_x.shape[1])
@@ -56,9 +72,9 @@ def test_knn_equals_brute_force(digits_split, center):
     x_tr, y_tr, x_te, y_te = x_tr[:300].astype(np.float64), y_tr[:300], x_te[:80].astype(np.float64), y_te[:80]
     expected = brute_force_knn(x_tr, y_tr, x_te, k=20, temperature=0.1, num_classes=10, center=center)
     scores = knn_scores(torch.from_numpy(x_tr).float(), torch.from_numpy(y_tr), torch.from_numpy(x_te).float(),
-                        k=20, temperature=0.1, num_classes=10, center=center)
+                        KNNOptions(k=20, temperature=0.1, center=center), num_classes=10)
     assert (scores.argmax(1).numpy() == expected).mean() >= 0.99  # float32 vs float64 near-ties at most
-    out = knn_classify(x_tr, y_tr, x_te, y_te, k=20, temperature=0.1, chunk_size=7, center=center)
+    out = knn_classify(x_tr, y_tr, x_te, y_te, KNNOptions(k=20, temperature=0.1, center=center, chunk_size=7))
     assert out["top1"] == pytest.approx((expected == y_te).mean(), abs=1 / 80 + 1e-9)
 
 
@@ -68,7 +84,7 @@ def test_knn_votes_neither_underflow_nor_overflow_at_small_temperatures():
     bank = torch.tensor([[1.0, 2.0], [1.0, 1.9], [-1.0, 2.0]])
     query = torch.tensor([[1.0, 0.0]])
     for temperature in (0.005, 0.001):
-        votes = knn_scores(bank, torch.tensor([0, 1, 1]), query, k=3, temperature=temperature, center=False)
+        votes = knn_scores(bank, torch.tensor([0, 1, 1]), query, KNNOptions(k=3, temperature=temperature, center=False))
         assert torch.isfinite(votes).all() and votes[0, 1] > 0 and votes[0].argmax() == 1  # [1, 1.9] is nearest
 
 
@@ -77,10 +93,10 @@ def test_centered_knn_ignores_a_constant_offset_plain_does_not(digits_split):
     x_tr, x_te = x_tr.astype(np.float64), x_te.astype(np.float64)
     shifted = [x + 100.0 for x in (x_tr, x_te)]
     centered = [knn_classify(a, y_tr, b, y_te)["top1"] for a, b in ((x_tr, x_te), shifted)]
-    plain = [knn_classify(a, y_tr, b, y_te, center=False)["top1"] for a, b in ((x_tr, x_te), shifted)]
+    plain = [knn_classify(a, y_tr, b, y_te, KNNOptions(center=False))["top1"] for a, b in ((x_tr, x_te), shifted)]
     assert centered[0] == pytest.approx(centered[1], abs=1e-6)
     assert plain[1] < plain[0] - 0.03  # an offset crowds every neighbourhood under plain cosine
-    assert knn_classify(x_tr[:5], y_tr[:5], x_te, y_te, k=200)["k"] == 5  # k capped at the bank size
+    assert knn_classify(x_tr[:5], y_tr[:5], x_te, y_te, KNNOptions(k=200))["k"] == 5  # k capped at the bank size
 
 
 def test_pca_matches_sklearn_subspace(digits_split):

@@ -20,19 +20,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from data.augment import normalize
+from data.splits import stratified_split
 from trainer import checkpoint, distributed
 from trainer.config import Config, ModelConfig
 from trainer.config_load import load_config
 from trainer.evaluation.features import extract_features
-from trainer.inputs import normalize
+from trainer.evaluation.probe import KNNOptions, knn_classify, linear_probe, pca_features
+from trainer.evaluation.report import ARCHITECTURE_NAMES, markdown_table, result_row
 from trainer.model import build_backbone
-from trainer.evaluation.probe import knn_classify, linear_probe, markdown_table, pca_features, result_row, stratified_split
 from trainer.step import resolve_amp
-
-ARCH = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50",
-        "resnet8": "ResNet-8 (32-64-128)", "resnet8_wide": "ResNet-8 (64-128-256)",
-        "resnet10": "ResNet-10 (64-128-256-512)"}
-
 
 # ----------------------------------------------------------------------------- data
 # ImageNet's evaluation protocol: shorter side resized to S / 0.875 (256 for 224), then the central S x S
@@ -149,20 +146,20 @@ def evaluate(args) -> dict:
 
 
 def _rows(args, feats, train_src, test_src, train_y, test_y, cfg, info) -> list[dict]:
-    arch = ARCH[cfg.model.base_model]
+    arch = ARCHITECTURE_NAMES[cfg.model.base_model]
+    knn_options = KNNOptions(k=args.knn_k, temperature=args.knn_temperature, center=not args.knn_plain)
     rows = []
 
     def add(extractor, architecture, train_x, test_x, head_dim, epochs):
         lin = linear_probe(train_x, train_y, test_x, test_y, seed=cfg.seed, device=args.probe_device)["top1"]
-        knn = knn_classify(train_x, train_y, test_x, test_y, k=args.knn_k, temperature=args.knn_temperature,
-                           center=not args.knn_plain)["top1"]
+        knn = knn_classify(train_x, train_y, test_x, test_y, knn_options)["top1"]
         dim = train_x.shape[1]
         rows.append(result_row("Logistic Regression", extractor, architecture, dim, head_dim, epochs, lin))
         rows.append(result_row("KNN", extractor, architecture, dim, head_dim, epochs, knn))
 
     if isinstance(train_src, torch.Tensor):  # raw pixels fit in memory: the PCA baseline as the seed's rows
         raw_tr, raw_te = train_src.flatten(1).float() / 255, test_src.flatten(1).float() / 255
-        pca_tr, pca_te = pca_features(raw_tr, raw_te, dim=min(256, raw_tr.shape[1]), seed=cfg.seed)
+        pca_tr, pca_te = pca_features(raw_tr, raw_te, dim=min(256, raw_tr.shape[1]))
         add("PCA Features", "-", pca_tr, pca_te, "-", "")
         if raw_tr.shape[1] <= 4096:
             add("Raw pixels", "-", raw_tr, raw_te, "-", "")
@@ -171,28 +168,35 @@ def _rows(args, feats, train_src, test_src, train_y, test_y, cfg, info) -> list[
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="training checkpoint, run directory or exported backbone")
-    parser.add_argument("--dataset", default="digits", choices=["digits", "stl10", "cifar10", "cifar100", "imagefolder"])
+    parser.add_argument("--dataset", default="digits",
+                        choices=["digits", "stl10", "cifar10", "cifar100", "imagefolder"])
     parser.add_argument("--data-dir", help="torchvision data root (imagefolder: a folder with train/ and val/)")
     parser.add_argument("--image-size", type=int, help="default: the run's dataset.input_shape")
-    parser.add_argument("--base-model", choices=sorted(ARCH), help="for exported backbones (default resnet18)")
+    parser.add_argument("--base-model", choices=sorted(ARCHITECTURE_NAMES),
+                        help="for exported backbones (default resnet18)")
     parser.add_argument("--split", default="test", choices=["test", "validation"],
                         help="test: the held-out split; validation (digits): a stratified part of the training "
                              "split instead, for choosing a recipe without the test split")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of the training split (--split validation)")
+    parser.add_argument("--val-fraction", type=float, default=0.2,
+                        help="share of the training split (--split validation)")
     parser.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--knn-k", type=int, default=200)
-    parser.add_argument("--knn-temperature", type=float, default=0.1)
+    parser.add_argument("--knn-k", type=int, default=KNNOptions.k)
+    parser.add_argument("--knn-temperature", type=float, default=KNNOptions.temperature)
     parser.add_argument("--knn-plain", action="store_true",
                         help="kNN on uncentered features (InstDisc as published); default: centered by the train mean")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--probe-device", default=None, help="where the linear probe trains (default: CUDA if any)")
     parser.add_argument("--out", help="folder for eval.json and eval.md (default: the run directory)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         result = evaluate(args)
     except FileNotFoundError as err:

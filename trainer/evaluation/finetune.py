@@ -14,26 +14,27 @@ import copy
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.augment import random_resized_crop_flip
+from data.augment import normalize, random_resized_crop_flip
+from data.splits import balanced_subset
 from trainer.evaluation.evaluate import labeled_splits, load_evaluated_backbone
-from trainer.inputs import normalize
+from trainer.optim import lr_at, set_lr
 
 
-def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Sorted indices holding round(fraction * n_c) (at least 1) of every class c."""
-    g = torch.Generator().manual_seed(seed)
-    chosen = []
-    for c in torch.unique(labels):
-        idx = torch.nonzero(labels == c).view(-1)
-        take = max(1, round(fraction * idx.numel()))
-        chosen.append(idx[torch.randperm(idx.numel(), generator=g)[:take]])
-    return torch.cat(chosen).sort().values
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """The fine-tuning recipe (the command's defaults): Nesterov SGD at lr, cosine-decayed to 0 over all steps."""
+
+    epochs: int = 30
+    lr: float = 0.05
+    batch_size: int = 64
+    crop_scale: tuple[float, float] = (0.4, 1.0)  # random-resized-crop area range
 
 
 class Classifier(nn.Module):
@@ -46,29 +47,28 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def finetune(backbone: nn.Module, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
-             test_labels: torch.Tensor, epochs: int, lr: float, batch_size: int, device, seed: int,
-             crop_scale=(0.4, 1.0)) -> dict:
-    """Trains backbone + new head on (images, labels) uint8 [N, 3, S, S]; returns test top-1."""
+def finetune(backbone: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+             options: FinetuneOptions, device, seed: int) -> dict:
+    """Trains backbone + a new linear head on train = (images uint8 [N, 3, S, S], labels); returns test top-1."""
+    (images, labels), (test_images, test_labels) = train, test
     torch.manual_seed(seed)
     with torch.no_grad():
         feature_dim = backbone.eval()(normalize(images[:2].to(device))).shape[1]
     model = Classifier(backbone, feature_dim, int(labels.max()) + 1).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
-    total = epochs * steps_per_epoch
+    optimizer = torch.optim.SGD(model.parameters(), lr=options.lr, momentum=0.9, nesterov=True)
+    steps_per_epoch = max(1, math.ceil(len(images) / options.batch_size))
+    total = options.epochs * steps_per_epoch
     g = torch.Generator().manual_seed(seed)
     step = 0
     model.train()
-    for _ in range(epochs):
+    for _ in range(options.epochs):
         order = torch.randperm(len(images), generator=g)
-        for start in range(0, len(images), batch_size):
-            idx = order[start:start + batch_size]
+        for start in range(0, len(images), options.batch_size):
+            idx = order[start:start + options.batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
-            x = random_resized_crop_flip(images[idx], images.shape[-1], generator=g, scale=crop_scale)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            x = random_resized_crop_flip(images[idx], images.shape[-1], generator=g, scale=options.crop_scale)
+            set_lr(optimizer, lr_at(step, total, 0, options.lr))
             loss = F.cross_entropy(model(normalize(x.to(device))), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="digits", choices=["digits"],
                         help="in-memory labeled sets (large sets: use the linear probe of trainer.eval)")
     parser.add_argument("--label-fraction", type=float, nargs="+", default=[0.01, 0.1, 1.0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=FinetuneOptions.epochs)
+    parser.add_argument("--lr", type=float, default=FinetuneOptions.lr)
+    parser.add_argument("--batch-size", type=int, default=FinetuneOptions.batch_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -107,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     (train, train_y), (test, test_y) = labeled_splits(args.dataset, None, cfg.dataset.image_size, cfg.seed)
+    options = FinetuneOptions(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     rows = []
     for fraction in args.label_fraction:
         subset = balanced_subset(train_y, fraction, args.seed)
         for name, start in (("SimCLR", backbone), ("Random init", random_init)):
             net = copy.deepcopy(start)  # each run starts from the same weights
-            result = finetune(net, train[subset], train_y[subset], test, test_y, args.epochs, args.lr,
-                              args.batch_size, torch.device(args.device), args.seed)
+            result = finetune(net, (train[subset], train_y[subset]), (test, test_y), options,
+                              torch.device(args.device), args.seed)
             rows.append({"label_fraction": fraction, "init": name, **result})
             print(f"{fraction:>6.0%} labels ({result['train_images']:>5d} images)  {name:<12s} "
                   f"top-1 {result['top1']:.1%}", flush=True)

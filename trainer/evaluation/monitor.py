@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from data.augment import normalize
 from data.seeding import position_seed
 from trainer import distributed
 from trainer.evaluation.features import extract_features
-from trainer.inputs import LabeledSplit, normalize
-from trainer.evaluation.probe import knn_classify, linear_probe
+from trainer.evaluation.probe import KNNOptions, knn_classify, linear_probe
+from trainer.inputs import LabeledSplit
 
 
 @torch.no_grad()
@@ -40,7 +41,7 @@ def backbone_knn(backbone: nn.Module, split: LabeledSplit, device, k: int, tempe
     queries = _features(backbone, split.test_images, device, batch_size)
     if distributed.rank() != 0:
         return {"top1": float("nan")}  # only rank 0 logs
-    return knn_classify(bank, split.train_labels, queries, split.test_labels, k=k, temperature=temperature)
+    return knn_classify(bank, split.train_labels, queries, split.test_labels, KNNOptions(k=k, temperature=temperature))
 
 
 def probe_rows(backbone: nn.Module, random_backbone: nn.Module, split: LabeledSplit, device, k: int,
@@ -48,7 +49,7 @@ def probe_rows(backbone: nn.Module, random_backbone: nn.Module, split: LabeledSp
     """Linear probe and kNN top-1 of the learned and the random-init backbone on the held-out test split.
 
     Returns {"simclr": {...}, "random_init": {...}} on rank 0 and {} on the other ranks."""
-    results = {}
+    results, knn = {}, KNNOptions(k=k, temperature=temperature)
     for name, net in (("simclr", backbone), ("random_init", random_backbone)):
         train_x = _features(net, split.train_images, device, batch_size)
         test_x = _features(net, split.test_images, device, batch_size)
@@ -56,8 +57,7 @@ def probe_rows(backbone: nn.Module, random_backbone: nn.Module, split: LabeledSp
             continue  # features are collective; the classifiers run on rank 0 only
         results[name] = {
             "linear_top1": linear_probe(train_x, split.train_labels, test_x, split.test_labels, seed=seed)["top1"],
-            "knn_top1": knn_classify(train_x, split.train_labels, test_x, split.test_labels, k=k,
-                                     temperature=temperature)["top1"],
+            "knn_top1": knn_classify(train_x, split.train_labels, test_x, split.test_labels, knn)["top1"],
         }
     return results
 

@@ -1,13 +1,16 @@
-"""Evaluation numerics on frozen features: linear probe, weighted kNN, PCA, and result tables."""
+"""Evaluation numerics on frozen features: linear probe (L-BFGS or mini-batch Adam), weighted kNN and exact PCA."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from data.splits import stratified_split
+from trainer.optim import lr_at, set_lr
 
 # L2 strengths tried by the linear probe: penalty 0.5 * wd * ||W||^2 added to the mean cross-entropy,
 # on standardized features. sklearn's LogisticRegression(C) on n samples is wd = 1 / (C * n).
@@ -16,13 +19,36 @@ DEFAULT_WEIGHT_DECAYS = tuple(10.0**e for e in range(-6, 1))
 # At or below this many train elements (rows x features) the probe uses full-batch L-BFGS.
 LBFGS_MAX_ELEMENTS = 2**25
 
-# PCA uses an exact SVD when min(n_samples, n_features) is at most this, else randomized PCA.
-PCA_EXACT_MAX_RANK = 4096
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """How linear_probe fits: the L2 strengths it chooses from and the solver.
+
+    solver: "lbfgs" (full batch on the device; exact optimum, best for up to ~10^7 elements), "minibatch" (Adam,
+    epochs x batch_size, lr cosine-decayed to 0; features stay on CPU and are streamed to the device), or "auto"
+    (L-BFGS up to LBFGS_MAX_ELEMENTS train elements).
+    """
+
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS
+    val_fraction: float = 0.2  # the stratified part of train that scores each weight decay
+    solver: str = "auto"
+    max_iter: int = 500  # L-BFGS iterations
+    epochs: int = 100  # mini-batch Adam: passes over train
+    batch_size: int = 1024
+    lr: float = 1e-3
 
 
-# ---------------------------------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KNNOptions:
+    """The weighted kNN of knn_scores: k neighbours, vote temperature, centering, queries per chunk."""
+
+    k: int = 200
+    temperature: float = 0.1
+    center: bool = True  # subtract the bank's mean feature from bank and queries first
+    chunk_size: int = 1024  # queries at a time (memory chunk_size x n_train)
+
+
+# ----------------------------------------------------------------------------- small helpers
 
 
 def _as_float(x) -> torch.Tensor:
@@ -62,28 +88,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     return {f"top{k}": hit[:, :k].any(dim=1).float().mean().item() for k in ks if k <= scores.shape[1]}
 
 
-def stratified_split(labels, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train_idx, val_idx), sorted, with round(val_fraction * n_c) of each class c in validation.
-
-    A class with at least two samples keeps at least one on each side; a singleton stays in train.
-    """
-    labels = _as_labels(labels)
-    generator = torch.Generator().manual_seed(seed)
-    train_parts, val_parts = [], []
-    for c in torch.unique(labels):
-        idx = torch.nonzero(labels == c).view(-1)
-        idx = idx[torch.randperm(idx.numel(), generator=generator)]
-        n_val = 0 if idx.numel() < 2 else min(max(round(val_fraction * idx.numel()), 1), idx.numel() - 1)
-        val_parts.append(idx[:n_val])
-        train_parts.append(idx[n_val:])
-    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
-
-
-# ---------------------------------------------------------------------------------------------------
-# Linear probe
-# ---------------------------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- linear probe
 def _standardizer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and std of x (float64 accumulation); constant features get std 1."""
     mean = x.mean(dim=0, dtype=torch.float64)
@@ -124,24 +129,23 @@ def _fit_lbfgs(x, y, num_classes, weight_decay, max_iter):
     return weight.detach(), bias.detach()
 
 
-def _fit_minibatch(x, y, num_classes, weight_decay, mean, std, epochs, batch_size, lr, device, seed):
-    """Mini-batch Adam on the same objective, cosine-decayed lr; x stays where it is (CPU is fine)."""
+def _fit_minibatch(x, y, num_classes, weight_decay, stats, options: ProbeOptions, device, seed):
+    """Mini-batch Adam on the same objective, lr cosine-decayed (trainer.optim.lr_at without warmup); x stays
+    where it is (CPU is fine) and is standardized with stats = (mean, std) batch by batch."""
     weight = torch.zeros(x.shape[1], num_classes, device=device, requires_grad=True)
     bias = torch.zeros(num_classes, device=device, requires_grad=True)
-    opt = torch.optim.Adam([weight, bias], lr=lr)
-    steps_per_epoch = math.ceil(x.shape[0] / batch_size)
-    total_steps = epochs * steps_per_epoch
+    opt = torch.optim.Adam([weight, bias], lr=options.lr)
+    total_steps = options.epochs * math.ceil(x.shape[0] / options.batch_size)
     generator = torch.Generator().manual_seed(seed)
-    mean, std = mean.to(device), std.to(device)
+    mean, std = (s.to(device) for s in stats)
     step = 0
-    for _ in range(epochs):
+    for _ in range(options.epochs):
         order = torch.randperm(x.shape[0], generator=generator)
-        for i in range(0, x.shape[0], batch_size):
-            idx = order[i : i + batch_size]
+        for i in range(0, x.shape[0], options.batch_size):
+            idx = order[i : i + options.batch_size]
             xb = (x[idx].to(device, non_blocking=True) - mean) / std
             yb = y[idx].to(device, non_blocking=True)
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            set_lr(opt, lr_at(step, total_steps, 0, options.lr))
             opt.zero_grad(set_to_none=True)
             _objective(xb, yb, weight, bias, weight_decay).backward()
             opt.step()
@@ -157,36 +161,27 @@ def _scores(x, weight, bias, mean, std, rows: int = 16384) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, weight.shape[1], device=weight.device)
 
 
-def _fit(x, y, num_classes, weight_decay, solver, opts):
+def _fit(x, y, num_classes, weight_decay, options: ProbeOptions, solver: str, device, seed):
     """Standardize x with its own statistics, fit, return (weight, bias, mean, std)."""
     mean, std = _standardizer(x)
     if solver == "lbfgs":
-        xs = (x.to(opts["device"]) - mean.to(opts["device"])) / std.to(opts["device"])
-        weight, bias = _fit_lbfgs(xs, y.to(opts["device"]), num_classes, weight_decay, opts["max_iter"])
+        xs = (x.to(device) - mean.to(device)) / std.to(device)
+        weight, bias = _fit_lbfgs(xs, y.to(device), num_classes, weight_decay, options.max_iter)
     else:
-        weight, bias = _fit_minibatch(
-            x, y, num_classes, weight_decay, mean, std, opts["epochs"], opts["batch_size"],
-            opts["lr"], opts["device"], opts["seed"],
-        )
+        weight, bias = _fit_minibatch(x, y, num_classes, weight_decay, (mean, std), options, device, seed)
     return weight, bias, mean, std
 
 
-def linear_probe(
-    train_x, train_y, test_x, test_y, num_classes: int | None = None,
-    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, val_fraction: float = 0.2,
-    epochs: int = 100, batch_size: int = 1024, lr: float = 1e-3, device=None, seed: int = 0,
-    solver: str = "auto", max_iter: int = 500,
-) -> dict:
+def linear_probe(train_x, train_y, test_x, test_y, options: ProbeOptions = ProbeOptions(), *,
+                 num_classes: int | None = None, device=None, seed: int = 0) -> dict:
     """Multinomial logistic regression on frozen features, L2 strength chosen on a validation split.
 
     train_x (n, d), test_x (m, d): features (tensor or numpy; flattened past dim 1), standardized
     with the statistics of the set being fitted. train_y, test_y: integer class ids.
-    For each weight decay wd in ``weight_decays`` (objective: mean cross-entropy + 0.5*wd*||W||^2,
+    For each weight decay wd in ``options.weight_decays`` (objective: mean cross-entropy + 0.5*wd*||W||^2,
     bias unpenalized) fit on a stratified (1 - val_fraction) part of train and score top-1 on the
     rest; refit on all of train with the best wd (ties: the larger wd) and report test accuracy.
-    solver: "lbfgs" (full batch on ``device``; exact optimum, best for up to ~10^7 elements),
-    "minibatch" (Adam, ``epochs`` x ``batch_size``, cosine-decayed ``lr``; features stay on CPU
-    and are streamed to ``device``), or "auto" (L-BFGS up to LBFGS_MAX_ELEMENTS train elements).
+    The solver is options.solver (see ProbeOptions), run on ``device`` (default: CUDA if any).
     Deterministic given ``seed`` (split and shuffling; both solvers start from zeros).
 
     Returns {"top1", "top5" (with >= 5 classes), "weight_decay", "val_top1", "val_top1_by_wd",
@@ -195,47 +190,41 @@ def linear_probe(
     train_x, test_x = _as_float(train_x), _as_float(test_x)
     train_y, test_y = _as_labels(train_y), _as_labels(test_y)
     num_classes = _num_classes(num_classes, train_y, test_y)
+    solver = options.solver
     if solver == "auto":
         solver = "lbfgs" if train_x.numel() <= LBFGS_MAX_ELEMENTS else "minibatch"
     if solver not in ("lbfgs", "minibatch"):
         raise ValueError(f"solver must be 'auto', 'lbfgs' or 'minibatch', got {solver!r}")
-    opts = dict(device=_resolve_device(device), max_iter=max_iter, epochs=epochs,
-                batch_size=batch_size, lr=lr, seed=seed)
-    weight_decays = sorted(float(wd) for wd in weight_decays)
+    device = _resolve_device(device)
+    weight_decays = sorted(float(wd) for wd in options.weight_decays)
     if not weight_decays:
         raise ValueError("weight_decays is empty")
 
     val_by_wd = {}
     if len(weight_decays) > 1:
-        tr, va = stratified_split(train_y, val_fraction, seed)
+        tr, va = stratified_split(train_y, options.val_fraction, seed)
         if va.numel() == 0:
             raise ValueError("validation split is empty: too few samples per class for val_fraction")
         for wd in weight_decays:
-            weight, bias, mean, std = _fit(train_x[tr], train_y[tr], num_classes, wd, solver, opts)
+            weight, bias, mean, std = _fit(train_x[tr], train_y[tr], num_classes, wd, options, solver, device, seed)
             val_by_wd[wd] = topk_accuracy(_scores(train_x[va], weight, bias, mean, std), train_y[va], (1,))["top1"]
         best_wd = max(weight_decays, key=lambda wd: (val_by_wd[wd], wd))
     else:
         best_wd = weight_decays[0]
 
-    weight, bias, mean, std = _fit(train_x, train_y, num_classes, best_wd, solver, opts)
+    weight, bias, mean, std = _fit(train_x, train_y, num_classes, best_wd, options, solver, device, seed)
     result = topk_accuracy(_scores(test_x, weight, bias, mean, std), test_y)
     result.update(weight_decay=best_wd, val_top1=val_by_wd.get(best_wd), val_top1_by_wd=val_by_wd, solver=solver)
     return result
 
 
-# ---------------------------------------------------------------------------------------------------
-# Weighted kNN
-# ---------------------------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- weighted kNN
 @torch.no_grad()
-def knn_scores(
-    train_x, train_y, query_x, k: int = 200, temperature: float = 0.1, num_classes: int | None = None,
-    chunk_size: int = 1024, device=None, center: bool = True,
-) -> torch.Tensor:
+def knn_scores(train_x, train_y, query_x, options: KNNOptions = KNNOptions(), *, num_classes: int | None = None,
+               device=None) -> torch.Tensor:
     """Class votes (m, C) of the weighted kNN monitor of InstDisc / DINO, as float32 on CPU.
 
-    With ``center`` (the default) the bank's mean feature is first subtracted from bank and queries
+    With ``options.center`` (the default) the bank's mean feature is first subtracted from bank and queries
     (cosine similarity around the data, not around the origin: the PCA baseline is centered by
     construction, and post-ReLU backbone features all share one large positive direction that
     otherwise crowds every query's neighbourhood with other classes). Rows are then L2-normalized;
@@ -249,67 +238,53 @@ def knn_scores(
     train_y = _as_labels(train_y)
     num_classes = num_classes if num_classes is not None else int(train_y.max()) + 1
     bank = _as_float(train_x).to(device)  # (n, d)
-    mean = bank.mean(0, keepdim=True) if center else None
+    mean = bank.mean(0, keepdim=True) if options.center else None
     # one working copy of the bank (the caller's features stay untouched), normalized in place
     bank = bank - mean if mean is not None else bank.clone()
     bank.div_(bank.norm(dim=1, keepdim=True).clamp_min_(1e-12))  # = F.normalize(bank, dim=1)
     bank_labels = train_y.to(device)
     query_x = _as_float(query_x)
-    k = min(k, bank.shape[0])
+    k = min(options.k, bank.shape[0])
     out = []
-    for i in range(0, query_x.shape[0], chunk_size):
-        q = query_x[i : i + chunk_size].to(device)
+    for i in range(0, query_x.shape[0], options.chunk_size):
+        q = query_x[i : i + options.chunk_size].to(device)
         q = F.normalize(q - mean if mean is not None else q, dim=1)
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (b, k) each
-        weights = ((sim - sim[:, :1]) / temperature).exp()  # topk sorts: column 0 is the query's largest
+        weights = ((sim - sim[:, :1]) / options.temperature).exp()  # topk sorts: column 0 is the query's largest
         votes = torch.zeros(q.shape[0], num_classes, device=device)
         votes.scatter_add_(1, bank_labels[idx], weights)
         out.append(votes.cpu())
     return torch.cat(out) if out else torch.zeros(0, num_classes)
 
 
-def knn_classify(
-    train_x, train_y, test_x, test_y, k: int = 200, temperature: float = 0.1,
-    num_classes: int | None = None, chunk_size: int = 1024, device=None, center: bool = True,
-) -> dict:
+def knn_classify(train_x, train_y, test_x, test_y, options: KNNOptions = KNNOptions(), *,
+                 num_classes: int | None = None, device=None) -> dict:
     """Weighted kNN accuracy (see knn_scores): {"top1", "top5" (with >= 5 classes), "k", "centered"}."""
     train_y, test_y = _as_labels(train_y), _as_labels(test_y)
     num_classes = _num_classes(num_classes, train_y, test_y)
-    votes = knn_scores(train_x, train_y, test_x, k, temperature, num_classes, chunk_size, device, center)
+    votes = knn_scores(train_x, train_y, test_x, options, num_classes=num_classes, device=device)
     result = topk_accuracy(votes, test_y)
-    result["k"], result["centered"] = min(k, len(train_y)), center
+    result["k"], result["centered"] = min(options.k, len(train_y)), options.center
     return result
 
 
-# ---------------------------------------------------------------------------------------------------
-# PCA
-# ---------------------------------------------------------------------------------------------------
-
-
+# ----------------------------------------------------------------------------- PCA
 @torch.no_grad()
-def pca_features(train_x, test_x, dim: int = 256, seed: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def pca_features(train_x, test_x, dim: int = 256, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Project train and test onto the top principal axes of train (raw values, flattened).
 
     Returns float32 CPU tensors (n, q), (m, q) with q = min(dim, n_features, n_samples); the default
-    dim gives the seed README's 256. Centering uses the train mean. Exact SVD (float64) when
-    min(n_samples, n_features) <= PCA_EXACT_MAX_RANK, else torch.pca_lowrank seeded by ``seed``.
+    dim gives the seed README's 256. Centering uses the train mean; the axes come from an exact SVD in
+    float64 (the baseline runs on in-memory pixel sets, where that takes seconds).
     Signs are deterministic: each axis has its largest-magnitude loading positive (like sklearn).
     """
     device = _resolve_device(device)
     train_x, test_x = _as_float(train_x), _as_float(test_x)
     n, f = train_x.shape
     q = min(dim, n, f)
-    if min(n, f) <= PCA_EXACT_MAX_RANK:
-        x = train_x.to(device, torch.float64)
-        mean = x.mean(dim=0)
-        axes = torch.linalg.svd(x - mean, full_matrices=False).Vh[:q].T  # (f, q)
-    else:
-        x = train_x.to(device)
-        mean = x.mean(dim=0)
-        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-        with rng if device.type in ("cpu", "cuda") else contextlib.nullcontext():
-            torch.manual_seed(seed)
-            axes = torch.pca_lowrank(x - mean, q=min(q + 10, n, f), center=False, niter=4)[2][:, :q]
+    x = train_x.to(device, torch.float64)
+    mean = x.mean(dim=0)
+    axes = torch.linalg.svd(x - mean, full_matrices=False).Vh[:q].T  # (f, q)
     rows = torch.arange(q, device=axes.device)
     signs = torch.sign(axes[axes.abs().argmax(dim=0), rows])
     axes = axes * torch.where(signs == 0, torch.ones_like(signs), signs)
@@ -318,39 +293,3 @@ def pca_features(train_x, test_x, dim: int = 256, seed: int = 0, device=None) ->
         return ((z.to(device, axes.dtype) - mean) @ axes).float().cpu()
 
     return project(train_x), project(test_x)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Result tables (the seed README's format)
-# ---------------------------------------------------------------------------------------------------
-
-TABLE_COLUMNS = (
-    ("classifier", "Linear Classifier"), ("extractor", "Feature Extractor"),
-    ("architecture", "Architecture"), ("feature_dim", "Feature dimension"),
-    ("head_dim", "Projection head dimension"), ("epochs", "Epochs"), ("top1", "Top-1"),
-)
-
-
-def result_row(classifier: str, extractor: str, architecture, feature_dim, head_dim, epochs, top1) -> dict:
-    """One result as a dict (JSON-friendly raw values); top1 is a fraction in [0, 1] or None."""
-    if top1 is not None and not 0.0 <= float(top1) <= 1.0:
-        raise ValueError(f"top1 must be a fraction in [0, 1], got {top1}")
-    return dict(classifier=classifier, extractor=extractor, architecture=architecture,
-                feature_dim=feature_dim, head_dim=head_dim, epochs=epochs,
-                top1=None if top1 is None else float(top1))
-
-
-def _cell(key: str, value) -> str:
-    if value is None or value == "":
-        return "-"
-    if key == "top1":
-        return f"{100.0 * value:.1f}%"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[dict]) -> str:
-    """A centered markdown table of result_row dicts; missing values print as "-", top-1 as 70.3%."""
-    header = "| " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
-    rule = "|" + "|".join(":" + "-" * max(len(title), 3) + ":" for _, title in TABLE_COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(key, row.get(key)) for key, _ in TABLE_COLUMNS) + " |" for row in rows]
-    return "\n".join([header, rule, *body]) + "\n"
