@@ -62,3 +62,9 @@ def run_distributed(fn, world_size: int = 2, *args, timeout_s: float = 120.0) ->
 @pytest.fixture
 def distributed_run():
     return run_distributed
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A TCP port that nothing listens on at 127.0.0.1 when the test starts (for a launcher's rendezvous)."""
+    return free_port()

@@ -23,13 +23,6 @@ RUN = ["-m", "trainer.main", "--config", "configs/quickstart.yaml", "dataset.nam
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
@@ -59,9 +52,8 @@ def uninterrupted(tmp_path_factory):
     return final_params(out)
 
 
-def test_two_node_c10d_rendezvous_same_model_on_both(tmp_path):
-    port = free_port()
-    common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+def test_two_node_c10d_rendezvous_same_model_on_both(tmp_path, unused_port):
+    common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{unused_port}",
               "--rdzv-id=twonode", *RUN, "max_steps=4", f"output_dir={tmp_path}"]
     nodes = [subprocess.Popen(torchrun(*common), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]
@@ -112,7 +104,10 @@ def test_sigterm_checkpoints_within_grace_and_resumes(tmp_path, uninterrupted):
     again = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", *RUN, f"output_dir={tmp_path}"),
                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"at step {step} " in again.stdout, again.stderr[-3000:]
-    assert final_params(tmp_path)["step"] == uninterrupted["step"]
+    resumed = final_params(tmp_path)
+    assert resumed["step"] == uninterrupted["step"]
+    for key, value in uninterrupted["model"].items():  # preempted and resumed = never interrupted, bit for bit
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
 
 
 def test_torn_latest_checkpoint_resumes_from_previous(tmp_path):
