@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ class ProbeOptions:
 
     weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS
     val_fraction: float = 0.2  # the stratified part of train that scores each weight decay
-    solver: str = "auto"
+    solver: Literal["auto", "lbfgs", "minibatch"] = "auto"
     max_iter: int = 500  # L-BFGS iterations
     epochs: int = 100  # mini-batch Adam: passes over train
     batch_size: int = 1024
