@@ -16,9 +16,11 @@ from trainer.main import main
 from trainer.model import build_model
 
 REPO = Path(__file__).parents[2]
+# resnet8, a fifth of the quickstart's resnet10 FLOPs: what these tests check does not depend on the network
 TINY = ["--config", str(REPO / "configs/quickstart.yaml"), "dataset.name=synthetic", "dataset.synthetic_size=96",
-        "dataset.input_shape=(16,16,3)", "model.small_stem=true", "model.out_dim=16", "batch_size=16", "epochs=2",
-        "log_every_n_steps=2", "eval.final_probe=false", "eval.knn_monitor=false", "amp=off", "optim.warmup_epochs=1"]
+        "dataset.input_shape=(16,16,3)", "model.base_model=resnet8", "model.small_stem=true", "model.out_dim=16",
+        "batch_size=16", "epochs=2", "log_every_n_steps=2", "eval.final_probe=false", "eval.knn_monitor=false",
+        "amp=off", "optim.warmup_epochs=1"]
 
 
 def final_state(output_dir):
