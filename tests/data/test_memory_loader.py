@@ -3,15 +3,16 @@ import torch
 
 from data.digits import load_digits_uint8
 from data.memory_loader import MemoryTwoViewLoader
+from data.views import Shard, ViewCrop
 
 
 def first_batch(loader, epoch=0):
     return next(iter(loader.batches(epoch)))
 
 
-def digits_loader(seed=0, **kwargs):
+def digits_loader(seed=0):
     images, _ = load_digits_uint8(16)
-    return MemoryTwoViewLoader(images, 32, 16, seed=seed, **kwargs)
+    return MemoryTwoViewLoader(images, 32, ViewCrop(16), Shard(seed=seed))
 
 
 def test_views_shape_dtype_and_differ():
@@ -43,12 +44,12 @@ def _asymmetric_images(n=64, side=8):
 def test_flip_prob_zero_never_mirrors_one_always_does():
     images = _asymmetric_images()
     for flip_prob, expect_flipped in ((0.0, False), (1.0, True)):
-        loader = MemoryTwoViewLoader(images, 16, 8, scale=(1.0, 1.0), flip_prob=flip_prob)
+        loader = MemoryTwoViewLoader(images, 16, ViewCrop(8, scale=(1.0, 1.0), flip_prob=flip_prob))
         for v1, v2 in loader.batches(0):
             for view in (v1, v2):
                 expected = images[: len(view)].flip(-1) if expect_flipped else images[: len(view)]
                 assert torch.equal(view, expected)
-    v1, _ = first_batch(MemoryTwoViewLoader(images, 64, 8, scale=(1.0, 1.0), flip_prob=0.5))
+    v1, _ = first_batch(MemoryTwoViewLoader(images, 64, ViewCrop(8, scale=(1.0, 1.0), flip_prob=0.5)))
     flipped = (v1[:, 0, 0, 0] > v1[:, 0, 0, -1]).float().mean()
     assert 0.25 < flipped < 0.75
 
@@ -56,7 +57,7 @@ def test_flip_prob_zero_never_mirrors_one_always_does():
 def _shard_ids(rank, world_size):
     """Per-rank sample ids seen in one epoch: image i is filled with the value i (crops keep it)."""
     images = torch.arange(64, dtype=torch.uint8).view(64, 1, 1, 1).expand(64, 3, 8, 8).contiguous()
-    loader = MemoryTwoViewLoader(images, 8, 8, rank, world_size, seed=1, scale=(1.0, 1.0))
+    loader = MemoryTwoViewLoader(images, 8, ViewCrop(8, scale=(1.0, 1.0)), Shard(rank, world_size, seed=1))
     return sorted(int(v1[j, 0, 0, 0]) for v1, _ in loader.batches(0) for j in range(len(v1)))
 
 
