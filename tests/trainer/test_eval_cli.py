@@ -112,3 +112,21 @@ def test_validation_evaluation_writes_its_own_files(tmp_path):
     arch = {row["architecture"] for row in result["rows"] if row["extractor"] == "SimCLR"}
     assert arch == {"ResNet-8 (32-64-128)"}
     assert "validation part of the training split" in (out / "eval_validation.md").read_text()
+
+
+def test_data_dir_under_datasets_reads_from_simclr_data(tmp_path, monkeypatch):
+    """--data-dir datasets/<name> is the folder under $SIMCLR_DATA (the rule of dataset.path too)."""
+    from PIL import Image
+
+    from trainer.evaluation.evaluate import labeled_splits
+
+    for split, label in (("train", "a"), ("val", "b")):
+        (tmp_path / "inet" / split / label).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "inet" / split / label / "0.png")
+    monkeypatch.setenv("SIMCLR_DATA", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "inet")  # no ./datasets here: only the root can supply it
+    (train, _), (test, _) = labeled_splits("imagefolder", "datasets/inet", 8, seed=0)
+    assert len(train) == len(test) == 1
+    monkeypatch.delenv("SIMCLR_DATA")
+    with pytest.raises(FileNotFoundError, match="datasets/inet"):
+        labeled_splits("imagefolder", "datasets/inet", 8, seed=0)

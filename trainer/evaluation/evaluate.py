@@ -1,7 +1,7 @@
 """`python -m trainer.eval`: the seed's results table (linear probe and kNN on frozen features, PCA baseline rows).
 
     python -m trainer.eval --checkpoint runs/quickstart --dataset digits
-    torchrun --nproc_per_node=8 -m trainer.eval --checkpoint runs/stl10_r18 --dataset stl10 --data-dir data/stl10
+    torchrun --nproc_per_node=8 -m trainer.eval --checkpoint runs/stl10_r18 --dataset stl10 --data-dir datasets/stl10
 
 Rows: SimCLR backbone, the same backbone at random initialization, PCA on raw pixels (<= 256 dims) and raw
 pixels (small sets), each with a logistic-regression probe (standardized features, as the seed's StandardScaler)
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from data.augment import normalize
+from data.sources import resolve_data_path
 from data.splits import stratified_split
 from trainer import checkpoint, distributed
 from trainer.config import Config, ModelConfig
@@ -76,6 +77,7 @@ def labeled_splits(name: str, data_dir: str | None, image_size: int, seed: int, 
         return (images[train], labels[train]), (images[test], labels[test])
     if split != "test":
         raise ValueError(f"--split {split}: only digits has a validation protocol here (its labels are in memory)")
+    data_dir = resolve_data_path(data_dir)  # datasets/... under $SIMCLR_DATA when set
     if not data_dir or not Path(data_dir).exists():
         raise FileNotFoundError(f"--data-dir {data_dir!r}: the {name} data directory does not exist")
     import torchvision.datasets as tvd
