@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 import platform
 import re
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch

@@ -1,4 +1,5 @@
-"""DDP and cuDNN settings side by side against DDP's defaults: steps/s of the full SimCLR step and, on CUDA, its peak memory.
+"""DDP and cuDNN settings side by side against DDP's defaults: steps/s of the full SimCLR step and, on CUDA, its
+peak memory.
 
     python -m benchmarks.ddp [--device cpu|cuda|cuda:N] [--ranks 2] [--model resnet18] [--image-size 32] [--batch 16]
 

@@ -1,10 +1,12 @@
 """Peak memory and step time of the cached (chunked) step vs the direct step, side by side in one process.
 
-    python -m benchmarks.large_batch [--model resnet18] [--image-size 32] [--batch 128] [--chunk 32] [--device cpu|cuda|cuda:N]
+    python -m benchmarks.large_batch [--model resnet18] [--image-size 32] [--batch 128] [--chunk 32]
+        [--device cpu|cuda|cuda:N]
 
 On CUDA peak memory is torch.cuda.max_memory_allocated. On CPU it is the growth of the process's resident
 set during one step (VmHWM after resetting it through /proc/self/clear_refs), with glibc's mmap threshold
-fixed (mallopt) so that freed tensors go back to the system at once. Goal: cached peak <= 40% of direct at <= 1.35x the step time.
+fixed (mallopt) so that freed tensors go back to the system at once. Goal: cached peak <= 40% of direct at <= 1.35x
+the step time.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The quickstart's training rate in two process layouts on this machine: 1 process x N threads vs N processes x 1 thread.
+"""The quickstart's training rate in two process layouts on this machine: 1 process x N threads vs N processes x 1
+thread.
 
     python -m benchmarks.quickstart [--config configs/quickstart.yaml] [--cores 2] [--steps 12] [--rounds 2]
         [--out DIR] [--set key=value ...]
@@ -75,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="a config override (repeat for more)")
     args = parser.parse_args(argv)
     cfg = load_config(REPO / args.config, args.overrides)
-    from trainer.inputs import build_pretrain_data  # the run's own step count, from its own data split
-    from trainer.distributed import DistContext
     import torch
+
+    from trainer.distributed import DistContext
+    from trainer.inputs import build_pretrain_data  # the run's own step count, from its own data split
     steps_per_epoch = build_pretrain_data(cfg, DistContext(0, 0, 1, torch.device("cpu"), "gloo")).train.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     samples: dict[str, list[dict]] = {name: [] for name in layouts(args.cores)}

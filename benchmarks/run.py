@@ -173,7 +173,8 @@ def summary(results: dict, env: dict) -> str:
         lines += [f"- fastest per-device batch that fits: {s['fastest_fitting_batch']}", ""]
     if "loss" in results:
         r = max(results["loss"]["results"], key=lambda r: (r["global_batch"], r["world_size"]))
-        lines += ["## NT-Xent", f"- global {r['global_batch']} on {r['world_size']} ranks: {r['slice_peak_bytes'] / 2**20:.0f} MiB per rank "
+        lines += ["## NT-Xent", f"- global {r['global_batch']} on {r['world_size']} ranks: "
+                  f"{r['slice_peak_bytes'] / 2**20:.0f} MiB per rank "
                   f"(2n x 2N x 4 B = {r['logit_slice_bytes'] / 2**20:.0f} MiB) vs full matrix "
                   f"{r['full_peak_bytes'] / 2**20:.0f} MiB: {r['memory_ratio_full_over_slice']:.1f}x less", ""]
     if "optimizer" in results:
@@ -181,7 +182,8 @@ def summary(results: dict, env: dict) -> str:
         lines += ["## Optimizer", f"- LARS / SGD step time: **{o['lars_over_sgd']:.2f}** (goal <= 1.3)", ""]
     if "large_batch" in results:
         lb = results["large_batch"]["results"]
-        lines += ["## Cached large-batch step", f"- peak memory cached/direct {lb['memory_ratio_cached_over_direct']:.2f}"
+        lines += ["## Cached large-batch step",
+                  f"- peak memory cached/direct {lb['memory_ratio_cached_over_direct']:.2f}"
                   f", step time {lb['time_ratio_cached_over_direct']:.2f}x", ""]
     if "comm" in results:
         lines += ["## Communication (gloo, 2 processes)"]
@@ -197,7 +199,8 @@ def summary(results: dict, env: dict) -> str:
                          f"{r['a0_stock_ffcv_two_pipelines']:.0f}), (b) the seed's PIL pipeline "
                          f"{r['b_torchvision_full_augmentation']:.0f}, (c) JPEG decode {r['c_jpeg_decode_only']:.0f}, "
                          f"(d) device augment {r['d_device_augment_views_per_s']:.0f} views/s; "
-                         f"**a/b {r['ratio_a_over_b']:.2f}** (goal >= 3), **a/c {r['ratio_a_over_c']:.2f}** (goal >= 0.5)")
+                         f"**a/b {r['ratio_a_over_b']:.2f}** (goal >= 3), "
+                         f"**a/c {r['ratio_a_over_c']:.2f}** (goal >= 0.5)")
         lines.append("")
     if "step" in results or "loader" in results:
         batch = results.get("step", {}).get("fastest_fitting_batch")
@@ -247,8 +250,8 @@ def main(argv=None) -> int:
             "large_batch": lambda: large_batch_fresh_process(16 if scale == "tiny" else 32, lb_batch, lb_chunk,
                                                              device, 1 if scale == "tiny" else 2),
             "comm": lambda: comm.run(quick=scale != "full"),
-            "ddp": lambda: ddp.run(args.device, image_size=16 if scale == "tiny" else 0, batch=4 if scale == "tiny" else 0,
-                                   rounds={"tiny": 1, "quick": 3, "full": 5}[scale]),
+            "ddp": lambda: ddp.run(args.device, image_size=16 if scale == "tiny" else 0,
+                                   batch=4 if scale == "tiny" else 0, rounds={"tiny": 1, "quick": 3, "full": 5}[scale]),
             "end_to_end": lambda: end_to_end(scale),
             "loader": lambda: loader_suite(scale, device)}
     try:

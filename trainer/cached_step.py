@@ -1,4 +1,5 @@
-"""Large-batch step by embedding-gradient caching: exact NT-Xent gradients with activations held for one chunk at a time.
+"""Large-batch step by embedding-gradient caching: exact NT-Xent gradients with activations held for one chunk at a
+time.
 
 Per step: (1) forward this rank's views chunk by chunk without autograd to get every embedding; (2) NT-Xent over
 the gathered embeddings and its gradient with respect to each local embedding; (3) re-forward each chunk with

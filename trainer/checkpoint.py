@@ -90,7 +90,7 @@ def hold_output_dir(output_dir: str | os.PathLike, wait_s: float = LOCK_WAIT_S):
 
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".lock", "a+")
+    handle = open(folder / ".lock", "a+")  # noqa: SIM115 - held open for the whole run: the lock lives with it
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -171,7 +171,7 @@ def load_latest(output_dir: str | os.PathLike, quarantine: bool = False) -> tupl
         except FileNotFoundError:  # renamed by rank 0 meanwhile: damaged
             unreadable.append(path)
             continue
-        except Exception as err:  # noqa: BLE001 - a whole file that does not load: not damage, stop here
+        except Exception as err:
             raise ResumeError(f"checkpoint {path} could not be read ({_causes(err)}); it is left in place: "
                               "fix the cause and run again") from err
         warnings.warn(f"checkpoint {path} is damaged ({reason}); trying the previous one", stacklevel=2)

@@ -32,7 +32,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, cosine: bool
     on the concatenated batch. Memory: a [2n, 2N] fp32 logit slice per rank, never [2N, 2N].
     """
     if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"nt_xent expects two [n, d] tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(f"nt_xent expects two [n, d] tensors of one shape, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
     local = torch.cat([z1, z2], dim=0).float()  # logits in fp32 whatever the autocast dtype
     if cosine:
         local = F.normalize(local, dim=1)

@@ -20,7 +20,7 @@ class RunLogger:
             return
         self.out = Path(output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
+        self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - open for the run; close()
 
     def _open_writer(self, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -41,7 +41,7 @@ class RunLogger:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        self.jsonl = open(path, "a", buffering=1)
+        self.jsonl = open(path, "a", buffering=1)  # noqa: SIM115 - open for the run; close()
         if self.tensorboard:
             if self.writer is not None:
                 self.writer.close()

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cfg.model.base_model} at {cfg.dataset.image_size}px, global batch {cfg.batch_size} on "
           f"{args.world_size} devices: {result['views_per_device']} views per device per step")
     print(f"activations {result['activation_bytes_per_view'] / MIB:.1f} MiB/view (checkpointed "
-          f"{result['checkpointed_bytes_per_view'] / MIB:.1f}), model states {result['model_state_bytes'] / GIB:.2f} GiB,"
+          f"{result['checkpointed_bytes_per_view'] / MIB:.1f}), "
+          f"model states {result['model_state_bytes'] / GIB:.2f} GiB,"
           f" logits {result['logit_bytes'] / GIB:.2f} GiB")
     print(f"inputs {result['input_bytes_per_view'] / MIB:.2f} MiB/view, {result['amp_dtype']} weight copies "
           f"{result['weight_copy_bytes'] / GIB:.2f} GiB, cuDNN workspace allowance "

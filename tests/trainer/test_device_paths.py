@@ -91,8 +91,8 @@ def test_channels_last_weights_and_same_losses(tmp_path):
     first = run(tmp_path / "first", *common, "model.channels_last=false")
     assert_same_run(last, first)
     from trainer.config_load import load_config
-    from trainer.model import build_network
     from trainer.distributed import process_group, world_from_env
+    from trainer.model import build_network
 
     cfg = load_config(None, ["model.small_stem=true", "model.channels_last=true", "device=cpu"])
     with process_group(world_from_env(), "cpu", 60) as ctx:

@@ -1,12 +1,11 @@
 """The run: the network as DDP wraps it (N ranks = one process), the random-init reference, the checkpointed RNG
 state of this rank's device, and the Trainer's checkpoint cadence, preemption and final table."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
-
-from types import SimpleNamespace
 
 from trainer import checkpoint, engine
 from trainer.config_load import load_config
