@@ -1,4 +1,5 @@
-"""Device augmentation throughput in views/s: data.augment against kornia and a torchvision per-sample loop.
+"""Device augmentation throughput in views/s: data.augment and data.crop against kornia and a torchvision
+per-sample loop.
 
     python -m benchmarks.augment [--device cpu|cuda|cuda:N] [--size 96] [--batch 256] [--seconds 20] [--threads N]
                                  [--out FILE]
@@ -7,7 +8,7 @@ Every case takes the same uint8 [batch, 3, size, size] batch of photograph crops
 normalized views, with SimCLR's color recipe (ColorJitter(0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale p=0.2):
 (a) data.augment.SimCLRAugment; (b) kornia's ColorJitter + RandomGrayscale (per-sample parameters; skipped with a
 note when kornia is not installed: `pip install kornia`); (c) torchvision.transforms.v2 applied one sample at a
-time. Also SimCLRAugment with blur p=0.5 and solarize p=0.2, and the crop: data.augment.random_resized_crop_flip
+time. Also SimCLRAugment with blur p=0.5 and solarize p=0.2, and the crop: data.crop.random_resized_crop_flip
 against torchvision's RandomResizedCrop + RandomHorizontalFlip per sample. Cases run in alternating rounds.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Callable
 import torch
 
 from benchmarks.common import add_device_argument, emit, environment, resolve_device, sync
-from data.augment import IMAGENET_MEAN, IMAGENET_STD, SimCLRAugment, normalize, random_resized_crop_flip
+from data.augment import IMAGENET_MEAN, IMAGENET_STD, SimCLRAugment, normalize
+from data.crop import random_resized_crop_flip
 
 
 def photo_batch(batch: int, size: int, device: torch.device) -> torch.Tensor:

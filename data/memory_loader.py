@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DistributedSampler
 
-from data.augment import random_resized_crop_flip
+from data.crop import random_resized_crop_flip
 from data.seeding import position_seed
 from data.views import Shard, ViewCrop
 
