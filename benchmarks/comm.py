@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import emit, environment, sync
+from benchmarks.common import emit, environment, free_port, sync
 
 RESNET50_PARAMS = 25_557_032
 
@@ -48,15 +47,9 @@ def measure(device: torch.device, quick: bool) -> dict:
     return {"backend": dist.get_backend(), "world_size": world, "rows": rows}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(quick: bool = True, world_size: int = 2) -> dict:
     """Spawns `world_size` gloo processes on this machine and returns rank 0's report."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world_size),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world_size),
            "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "benchmarks.comm", "--backend", "gloo"] + (["--quick"] if quick else [])
     procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -86,6 +87,13 @@ def environment() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a benchmark's own process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def sync(device: torch.device) -> None:

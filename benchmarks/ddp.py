@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from benchmarks.common import add_device_argument, emit, environment, interleaved_rates, resolve_device, sync
+from benchmarks.common import add_device_argument, emit, environment, free_port, interleaved_rates, resolve_device, sync
 
 VARIANTS = {  # DDP keyword arguments and cudnn.benchmark of each case
     "ddp_defaults": ({}, False),
@@ -38,14 +38,6 @@ VARIANTS = {  # DDP keyword arguments and cudnn.benchmark of each case
     "all_trainer_settings": ({"gradient_as_bucket_view": True, "static_graph": True, "forward_sync_buffers": False},
                              True),
 }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step_case(model_name: str, image_size: int, batch: int, device: torch.device, ddp_kwargs: dict,
@@ -139,7 +131,7 @@ def run(device: str = "cpu", ranks: int = 0, model: str = "", image_size: int = 
               "amp": "bf16" if cuda else "off"}
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "ddp.json")
-        mp.spawn(_worker, args=(ranks, _free_port(), str(dev) if one_device else dev.type, config, out),
+        mp.spawn(_worker, args=(ranks, free_port(), str(dev) if one_device else dev.type, config, out),
                  nprocs=ranks, join=True)
         results = json.loads(Path(out).read_text())
     return {"benchmark": "ddp", "environment": environment(), "config": config, "results": results,
