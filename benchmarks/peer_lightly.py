@@ -99,7 +99,7 @@ class _ProjectOrder:
     as trainer.inputs.build_augment does them (per-sample parameters from torch's generator in the worker)."""
 
     def __init__(self, cfg):
-        from data.augment import random_resized_crop_flip
+        from data.crop import random_resized_crop_flip
         from trainer.inputs import build_augment
 
         self.cfg, self.crop, self.augment = cfg, random_resized_crop_flip, build_augment(cfg)

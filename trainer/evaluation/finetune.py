@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.augment import normalize, random_resized_crop_flip
+from data.augment import normalize
+from data.crop import random_resized_crop_flip
 from data.splits import balanced_subset
 from trainer.evaluation.evaluate import labeled_splits, load_evaluated_backbone
 from trainer.optim import lr_at, set_lr
