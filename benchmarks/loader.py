@@ -150,7 +150,7 @@ def workers_sweep(beton: Path, size: int, batch: int, budget_s: float) -> dict:
 
 def run(quick: bool = True, device: str = "cpu", workers: int = 2) -> dict:
     dev = resolve_device(device)  # first: a device this machine lacks stops the run before any work
-    from data.prepare import prepare
+    from data.prepare import ImageEncoding, prepare
 
     count, budget = (256, 4.0) if quick else (1024, 15.0)
     results = {}
@@ -158,7 +158,8 @@ def run(quick: bool = True, device: str = "cpu", workers: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = make_photos(Path(tmp), count)
         beton = Path(tmp) / "photos.beton"
-        prepare("imagefolder", beton, str(root), write_mode="jpg", max_resolution=400, num_workers=workers)
+        prepare("imagefolder", beton, str(root), encoding=ImageEncoding("jpg", max_resolution=400),
+                num_workers=workers)
         torch.set_num_threads(threads)  # importing FFCV set it to 1
         for size in (96, 224):
             results[f"{size}px"] = measure(root, beton, size, 64, workers, dev, budget)

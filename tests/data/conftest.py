@@ -51,8 +51,8 @@ def id_folder(id_images, tmp_path_factory) -> str:
 def id_beton(id_folder, tmp_path_factory) -> str:
     """id_folder written by data.prepare as raw (lossless) pixels."""
     pytest.importorskip("ffcv", reason="FFCV is not installed (bash launch/install.sh --ffcv)")
-    from data.prepare import prepare
+    from data.prepare import ImageEncoding, prepare
 
     path = tmp_path_factory.mktemp("beton") / "ids.beton"
-    prepare("imagefolder", path, data_dir=id_folder, write_mode="raw", num_workers=1)
+    prepare("imagefolder", path, data_dir=id_folder, encoding=ImageEncoding("raw"), num_workers=1)
     return str(path)

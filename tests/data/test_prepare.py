@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
+from data.prepare import ImageEncoding, prepare
 from data.prepare import main as prepare_main
-from data.prepare import prepare
 from data.sources import open_source
 
 ffcv = pytest.importorskip("ffcv", reason="FFCV is not installed (bash launch/install.sh --ffcv)")
@@ -64,7 +64,7 @@ def test_cifar_format_round_trip(tmp_path, name, folder, files, label_key):
         part = slice(2 * k, 2 * k + 2)
         with open(tmp_path / folder / file, "wb") as f:
             pickle.dump({"data": images[part].transpose(0, 3, 1, 2).reshape(2, -1), label_key: labels[part]}, f)
-    prepare(name, tmp_path / "c.beton", str(tmp_path), write_mode="raw", num_workers=1)
+    prepare(name, tmp_path / "c.beton", str(tmp_path), encoding=ImageEncoding("raw"), num_workers=1)
     stored, stored_labels = read_beton(tmp_path / "c.beton")
     assert stored_labels == labels and np.array_equal(stored, images)
 
@@ -77,7 +77,8 @@ def test_stl10_format_round_trip(tmp_path):
     (folder / "train_y.bin").write_bytes(np.array([1, 2, 3, 10, 1, 2], dtype=np.uint8).tobytes())  # 1-based
     (folder / "unlabeled_X.bin").write_bytes(images[:4].transpose(0, 3, 2, 1).tobytes())
     assert len(open_source("stl10", tmp_path, "unlabeled")) == 4
-    prepare("stl10", tmp_path / "s.beton", str(tmp_path), split="train+unlabeled", write_mode="raw", num_workers=1)
+    prepare("stl10", tmp_path / "s.beton", str(tmp_path), split="train+unlabeled", encoding=ImageEncoding("raw"),
+            num_workers=1)
     stored, labels = read_beton(tmp_path / "s.beton")
     assert labels == [0, 1, 2, 9, 0, 1, -1, -1, -1, -1]
     assert np.array_equal(stored, np.concatenate([images, images[:4]]))
