@@ -134,7 +134,7 @@ def run_lightly(cfg, images, train_idx, labeled, options: dict, threads: int) ->
     loader = torch.utils.data.DataLoader(_PILDigits(images[train_idx], transform), batch_size=cfg.batch_size,
                                          shuffle=True, drop_last=True, num_workers=2, generator=generator,
                                          persistent_workers=True)
-    torch.manual_seed(cfg.seed)  # the same initial network as trainer.engine.build_network
+    torch.manual_seed(cfg.seed)  # the same initial network as trainer.model.build_network
     model = build_model(cfg.model)
     initial_backbone = build_model(cfg.model).backbone
     initial_backbone.load_state_dict(model.backbone.state_dict())

@@ -74,7 +74,7 @@ class ModelConfig:
         "global", "global: trainer/global_bn.py (pure torch: CPU and CUDA, no host syncs); torch: nn.SyncBatchNorm "
         "(CUDA only, one device-to-host sync per layer per forward)")
     sync_bn_group_size: int = _key(0, "synchronize BatchNorm within groups of this many ranks (0: all ranks)")
-    channels_last: bool = _key(True, "NHWC memory format (CUDA only)")
+    channels_last: bool = _key(True, "NHWC memory format for weights and inputs (the fast layout on CUDA)")
 
     def __post_init__(self):
         from trainer.small_nets import BACKBONES  # lazily: importing the config needs no torch
