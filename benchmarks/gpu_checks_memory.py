@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks import gpu_checks_setup as setup
 from benchmarks.common import sync
-from benchmarks.gpu_checks_setup import (
-    augmented_views,
-    check_config,
-    count_host_syncs,
-    free_memory,
-    network,
-    step_function,
-    synthetic_steps,
-    training_pieces,
-)
 from data.seeding import position_seed
 
 GOAL_PLAN_TOLERANCE = 0.15
@@ -24,21 +15,21 @@ def check_d_memory_plan(s: dict, ctx, limit: float, dry: bool) -> dict:
     from trainer.plan import plan
     from trainer.step import train_step
 
-    cfg = check_config(s, s["big_model"], s["big_size"], s["plan_batch"], "amp=bf16", "step_mode=direct")
+    cfg = setup.check_config(s, s["big_model"], s["big_size"], s["plan_batch"], "amp=bf16", "step_mode=direct")
     cuda = ctx.device.type == "cuda"
     total = torch.cuda.get_device_properties(ctx.device).total_memory if cuda else 80 * 2 ** 30
     planned = plan(cfg, 1, float(total), device_type=ctx.device.type)
-    free_memory(ctx.device)
+    setup.free_memory(ctx.device)
     base = torch.cuda.memory_allocated(ctx.device) if cuda else 0  # what earlier checks left allocated
-    model, train_model = network(cfg, ctx)
-    loss_fn, optimizer, scaler, amp_dtype = training_pieces(cfg, model, ctx.device)
+    model, train_model = setup.network(cfg, ctx)
+    loss_fn, optimizer, scaler, amp_dtype = setup.training_pieces(cfg, model, ctx.device)
     measured = None
     for i in range(3):  # two warm-up steps: optimizer state, cuDNN's benchmark choices
         g = torch.Generator(device=ctx.device).manual_seed(i)
         # the loader's uint8 views stay alive through the step, as in the training loop (the plan counts them)
         v1, v2 = torch.randint(0, 256, (2, cfg.batch_size, 3, s["big_size"], s["big_size"]), dtype=torch.uint8,
                                device=ctx.device, generator=g)
-        x1, x2 = augmented_views(cfg.batch_size, s["big_size"], ctx.device, seed=i)
+        x1, x2 = setup.augmented_views(cfg.batch_size, s["big_size"], ctx.device, seed=i)
         if cuda and i == 2:
             sync(ctx.device)
             torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -54,7 +45,7 @@ def check_d_memory_plan(s: dict, ctx, limit: float, dry: bool) -> dict:
                                                              "logit_bytes", "cudnn_workspace_bytes")},
               "goal": f"planned within {GOAL_PLAN_TOLERANCE:.0%} of measured"}
     del model, train_model, optimizer
-    free_memory(ctx.device)
+    setup.free_memory(ctx.device)
     if measured is None:
         return {"status": "skipped", **result, "note": "dry run: the peak needs CUDA's allocator statistics"}
     result["planned_over_measured"] = result["planned_peak_bytes"] / measured
@@ -68,9 +59,9 @@ def _loop_host_syncs(cfg, ctx, warmup: int, counted: int) -> tuple[list, int]:
     from trainer.inputs import build_pretrain_data
 
     data = build_pretrain_data(cfg, ctx)
-    model, train_model = network(cfg, ctx, bn_impl="global")
-    loss_fn, optimizer, scaler, amp_dtype = training_pieces(cfg, model, ctx.device)
-    step_fn, _ = step_function(cfg, model, 2 * cfg.batch_size, ctx.device, amp_dtype)
+    model, train_model = setup.network(cfg, ctx, bn_impl="global")
+    loss_fn, optimizer, scaler, amp_dtype = setup.training_pieces(cfg, model, ctx.device)
+    step_fn, _ = setup.step_function(cfg, model, 2 * cfg.batch_size, ctx.device, amp_dtype)
     sums = torch.zeros(3, device=ctx.device)
     first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
     aug_gen = torch.Generator(device=ctx.device)
@@ -90,7 +81,7 @@ def _loop_host_syncs(cfg, ctx, warmup: int, counted: int) -> tuple[list, int]:
     for step in range(warmup):
         one_step(step, *next(batches))
     sync(ctx.device)
-    with count_host_syncs(ctx.device) as found:
+    with setup.count_host_syncs(ctx.device) as found:
         for step in range(warmup, warmup + counted):
             one_step(step, *next(batches))
     sync(ctx.device)
@@ -98,11 +89,11 @@ def _loop_host_syncs(cfg, ctx, warmup: int, counted: int) -> tuple[list, int]:
 
 
 def check_e_host_syncs(s: dict, ctx, limit: float, dry: bool) -> dict:
-    cfg = check_config(s, s["big_model"], s["big_size"], s["sync_batch"], "amp=bf16", "step_mode=direct",
-                       *synthetic_steps(s["sync_batch"], 6))
+    cfg = setup.check_config(s, s["big_model"], s["big_size"], s["sync_batch"], "amp=bf16", "step_mode=direct",
+                             *setup.synthetic_steps(s["sync_batch"], 6))
     counted = 4
     found, n_bn = _loop_host_syncs(cfg, ctx, warmup=2, counted=counted)
-    free_memory(ctx.device)
+    setup.free_memory(ctx.device)
     result = {"model": cfg.model.base_model, "global_bn_layers": n_bn, "steps_counted": counted,
               "goal": "0 host syncs per step (bf16, global BN, direct step, memory loader and device augmentation)",
               "note": "global BN on a 1-rank group: no collective runs (it normalizes locally)"}
