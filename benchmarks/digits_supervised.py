@@ -12,7 +12,6 @@ The report gives both probes per seed, the means, and the training time and rate
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.common import cpu_model, emit_with_summary, environment
-from benchmarks.peer_lightly import REPO, pca_rows, pretrain_and_labeled
+from benchmarks.peer_lightly import REPO, digits_parser, pca_rows, pretrain_and_labeled
 from data.crop import random_resized_crop_flip
 from trainer.config_load import load_config
 from trainer.evaluation.monitor import probe_rows
@@ -78,14 +77,8 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.digits_supervised", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/quickstart.yaml")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = digits_parser("digits_supervised", __doc__, epochs=15)
     parser.add_argument("--min-scale", type=float, default=0.5, help="smallest crop area of the supervised views")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--out", help="folder for digits_supervised.json and .md")
     args = parser.parse_args(argv)
     if args.epochs < 1 or not 0 < args.min_scale <= 1:
         parser.error(f"--epochs {args.epochs} must be >= 1 and --min-scale {args.min_scale} in (0, 1]")

@@ -221,15 +221,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peer_lightly", description=__doc__,
+def digits_parser(name: str, doc: str, epochs: int) -> argparse.ArgumentParser:
+    """The arguments every digits accuracy benchmark takes: --config, --epochs, --seeds, --threads, --out."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=["project", "lightly"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
-    parser.add_argument("--out", help="folder for peer_lightly.json and .md")
+    parser.add_argument("--out", help=f"folder for {name}.json and .md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = digits_parser("peer_lightly", __doc__, epochs=10)
+    parser.add_argument("--variants", nargs="+", default=["project", "lightly"])
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                         help="a config override for both sides (repeat for more)")
     args = parser.parse_args(argv)
