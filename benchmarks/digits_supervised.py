@@ -7,8 +7,9 @@ What SimCLR's frozen features could reach on digits: the config's backbone (seed
 trained with cross-entropy on the labeled training part of each seed's split (the part the probes fit on), with
 the config's colour augmentation and random-resized crops of at least --min-scale of the area; SGD (momentum 0.9,
 weight decay 5e-4, batch 128, one-cycle lr peaking at 0.1). Then the quickstart's probes on the held-out test split
-(trainer.evaluation.monitor.probe_rows: linear probe and weighted kNN of the frozen backbone), next to PCA's.
-The report gives both probes per seed, the means, and the training time and rate.
+(trainer.evaluation.monitor.probe_rows: linear probe and weighted kNN of the frozen backbone), next to the same
+backbone at its random initialization and PCA. The report gives both probes per seed, the means, and the training
+time and rate.
 """
 from __future__ import annotations
 
@@ -66,12 +67,14 @@ def markdown(report: dict) -> str:
     lines = [f"# Supervised reference on digits ({cfg['model']}, {cfg['image_size']} px, {cfg['epochs']} epochs, "
              f"crops >= {cfg['min_scale']:.0%}, seeds {cfg['seeds']})", "",
              f"CPU: {report['cpu_model']}, {report['threads']} torch threads; held-out test split, the quickstart's "
-             f"probes (linear / kNN top-1).", "", "| seed | supervised | PCA |", "|---|---|---|"]
+             f"probes (linear / kNN top-1).", "", "| seed | supervised | random init | PCA |", "|---|---|---|---|"]
     for run, pca in zip(report["runs"], report["pca"]):
+        rnd = run["random_init"]
         lines.append(f"| {run['seed']} | {run['linear_top1']:.2%} / {run['knn_top1']:.2%} | "
+                     f"{rnd['linear_top1']:.2%} / {rnd['knn_top1']:.2%} | "
                      f"{pca['linear_top1']:.2%} / {pca['knn_top1']:.2%} |")
-    lines += [f"| mean | {s['linear_top1']:.2%} / {s['knn_top1']:.2%} | {s['pca_linear_top1']:.2%} / "
-              f"{s['pca_knn_top1']:.2%} |", "",
+    lines += [f"| mean | {s['linear_top1']:.2%} / {s['knn_top1']:.2%} | {s['random_linear_top1']:.2%} / "
+              f"{s['random_knn_top1']:.2%} | {s['pca_linear_top1']:.2%} / {s['pca_knn_top1']:.2%} |", "",
               f"Training: {s['train_s_mean']:.1f} s a seed, {s['steps_per_s']:.2f} steps/s of {BATCH} images."]
     return "\n".join(lines) + "\n"
 
@@ -90,12 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         backbone, timing = train_supervised(cfg, labeled, args.epochs, args.min_scale)
         rows = probe_rows(backbone, random_init_backbone(cfg, torch.device("cpu")), labeled, torch.device("cpu"),
                           cfg.eval.knn_k, cfg.eval.knn_temperature, cfg.seed)
-        runs.append({"seed": seed, **rows["simclr"], **timing})
+        runs.append({"seed": seed, **rows["simclr"], "random_init": rows["random_init"], **timing})
         pca.append(pca_rows(labeled, cfg))
         print(f"seed {seed} supervised: linear {runs[-1]['linear_top1']:.4f} knn {runs[-1]['knn_top1']:.4f} "
               f"({timing['train_s']:.1f} s, {timing['steps']} steps)", flush=True)
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    random_init = [r["random_init"] for r in runs]
     summary = {"linear_top1": mean(runs, "linear_top1"), "knn_top1": mean(runs, "knn_top1"),
+               "random_linear_top1": mean(random_init, "linear_top1"), "random_knn_top1": mean(random_init, "knn_top1"),
                "pca_linear_top1": mean(pca, "linear_top1"), "pca_knn_top1": mean(pca, "knn_top1"),
                "train_s_mean": mean(runs, "train_s"),
                "steps_per_s": sum(r["steps"] for r in runs) / sum(r["train_s"] for r in runs)}
