@@ -51,13 +51,14 @@ def pretrain_and_labeled(cfg):
 
 
 def pca_rows(labeled, cfg) -> dict:
-    from trainer.evaluation.probe import KNNOptions, knn_classify, linear_probe, pca_features
+    from trainer.evaluation.probe import PCA_PROBE, KNNOptions, knn_classify, linear_probe, pca_features
 
     raw_tr = labeled.train_images.flatten(1).float() / 255
     raw_te = labeled.test_images.flatten(1).float() / 255
     tr, te = pca_features(raw_tr, raw_te, dim=min(256, raw_tr.shape[1]))
     knn = KNNOptions(k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
-    return {"linear_top1": linear_probe(tr, labeled.train_labels, te, labeled.test_labels, seed=cfg.seed)["top1"],
+    return {"linear_top1": linear_probe(tr, labeled.train_labels, te, labeled.test_labels, PCA_PROBE,
+                                        seed=cfg.seed)["top1"],
             "knn_top1": knn_classify(tr, labeled.train_labels, te, labeled.test_labels, knn)["top1"]}
 
 

@@ -8,7 +8,15 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from trainer.evaluation.probe import KNNOptions, ProbeOptions, knn_classify, knn_scores, linear_probe, pca_features
+from trainer.evaluation.probe import (
+    PCA_PROBE,
+    KNNOptions,
+    ProbeOptions,
+    knn_classify,
+    knn_scores,
+    linear_probe,
+    pca_features,
+)
 from trainer.evaluation.report import markdown_table, result_row
 
 
@@ -106,6 +114,28 @@ def test_pca_matches_sklearn_subspace(digits_split):
     ref_te = ref.transform(x_te)
     assert ours_te.shape == (len(x_te), 20)
     np.testing.assert_allclose(np.abs(ours_te.numpy()), np.abs(ref_te), atol=2e-2, rtol=1e-3)
+
+
+def test_pca_probe_fits_the_components_as_they_come_as_sklearn_does(digits_split):
+    """The PCA baseline's probe (the seed's logistic regression on unscaled principal components) equals
+    scikit-learn's at the same L2 strength, and low-variance components (here 150 of pure noise, 1e-3 the scale,
+    as the rounding noise of upsampled uint8 digits) leave it unchanged, where standardizing would whiten them to
+    the weight of the leading components and cost accuracy."""
+    x_tr, x_te, y_tr, y_te = digits_split
+    pca_tr, pca_te = pca_features(x_tr, x_te, dim=64)
+    wd = 1e-3
+    one_wd = ProbeOptions(weight_decays=(wd,), standardize=False)
+    ours = linear_probe(pca_tr, y_tr, pca_te, y_te, one_wd)["top1"]
+    reference = LogisticRegression(C=1.0 / (wd * len(y_tr)), max_iter=5000).fit(pca_tr.numpy(), y_tr)
+    assert ours == pytest.approx(reference.score(pca_te.numpy(), y_te), abs=2 / len(y_te))
+
+    g = torch.Generator().manual_seed(0)
+    noisy = [torch.cat([x, 1e-3 * torch.randn(len(x), 150, generator=g)], dim=1) for x in (pca_tr, pca_te)]
+    clean = linear_probe(pca_tr, y_tr, pca_te, y_te, PCA_PROBE)["top1"]
+    as_they_come = linear_probe(noisy[0], y_tr, noisy[1], y_te, PCA_PROBE)["top1"]
+    whitened = linear_probe(noisy[0], y_tr, noisy[1], y_te)["top1"]
+    assert as_they_come == pytest.approx(clean, abs=2 / len(y_te)) and clean > 0.95
+    assert whitened < clean - 0.02
 
 
 def test_markdown_table_in_the_seeds_format():
