@@ -127,7 +127,7 @@ def test_pca_probe_fits_the_components_as_they_come_as_sklearn_does(digits_split
     one_wd = ProbeOptions(weight_decays=(wd,), standardize=False)
     ours = linear_probe(pca_tr, y_tr, pca_te, y_te, one_wd)["top1"]
     reference = LogisticRegression(C=1.0 / (wd * len(y_tr)), max_iter=5000).fit(pca_tr.numpy(), y_tr)
-    assert ours == pytest.approx(reference.score(pca_te.numpy(), y_te), abs=2 / len(y_te))
+    assert ours == pytest.approx(reference.score(pca_te.numpy(), y_te), abs=3 / len(y_te))
 
     g = torch.Generator().manual_seed(0)
     noisy = [torch.cat([x, 1e-3 * torch.randn(len(x), 150, generator=g)], dim=1) for x in (pca_tr, pca_te)]
