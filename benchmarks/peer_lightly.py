@@ -51,15 +51,13 @@ def pretrain_and_labeled(cfg):
 
 
 def pca_rows(labeled, cfg) -> dict:
-    from trainer.evaluation.probe import PCA_PROBE, KNNOptions, knn_classify, linear_probe, pca_features
+    from trainer.evaluation.pca import pca_baseline
+    from trainer.evaluation.probe import KNNOptions
 
-    raw_tr = labeled.train_images.flatten(1).float() / 255
-    raw_te = labeled.test_images.flatten(1).float() / 255
-    tr, te = pca_features(raw_tr, raw_te, dim=min(256, raw_tr.shape[1]))
     knn = KNNOptions(k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
-    return {"linear_top1": linear_probe(tr, labeled.train_labels, te, labeled.test_labels, PCA_PROBE,
-                                        seed=cfg.seed)["top1"],
-            "knn_top1": knn_classify(tr, labeled.train_labels, te, labeled.test_labels, knn)["top1"]}
+    row = pca_baseline(labeled.train_images, labeled.train_labels, labeled.test_images, labeled.test_labels, knn,
+                       seed=cfg.seed)
+    return {"linear_top1": row["linear_top1"], "knn_top1": row["knn_top1"]}
 
 
 # ----------------------------------------------------------------------------- this project

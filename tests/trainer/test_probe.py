@@ -8,15 +8,8 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from trainer.evaluation.probe import (
-    PCA_PROBE,
-    KNNOptions,
-    ProbeOptions,
-    knn_classify,
-    knn_scores,
-    linear_probe,
-    pca_features,
-)
+from trainer.evaluation.pca import PCA_PROBE, pca_features
+from trainer.evaluation.probe import KNNOptions, ProbeOptions, knn_classify, knn_scores, linear_probe
 from trainer.evaluation.report import markdown_table, result_row
 
 

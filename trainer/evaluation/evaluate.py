@@ -5,7 +5,7 @@
 
 Rows: SimCLR backbone, the same backbone at random initialization, PCA on raw pixels (<= 256 dims) and raw
 pixels (small sets), each with a logistic-regression probe (standardized features, as the seed's StandardScaler;
-PCA's components as they come, as the seed's PCA rows: probe.PCA_PROBE) and a weighted kNN (k=200, T=0.1,
+PCA's components as they come, as the seed's PCA rows: pca.PCA_PROBE) and a weighted kNN (k=200, T=0.1,
 cosine on features centered by the train mean; --knn-plain: uncentered).
 Features are extracted once (sharded across ranks under torchrun, AMP on CUDA); the classifiers run on rank 0.
 Writes eval.json and eval.md next to the checkpoint (or to --out); with --split validation (digits: a stratified
@@ -28,7 +28,8 @@ from trainer import checkpoint, distributed
 from trainer.config import Config, ModelConfig
 from trainer.config_load import load_config
 from trainer.evaluation.features import extract_features
-from trainer.evaluation.probe import PCA_PROBE, KNNOptions, ProbeOptions, knn_classify, linear_probe, pca_features
+from trainer.evaluation.pca import pca_baseline
+from trainer.evaluation.probe import KNNOptions, knn_classify, linear_probe
 from trainer.evaluation.report import ARCHITECTURE_NAMES, markdown_table, result_row
 from trainer.model import build_backbone
 from trainer.step import resolve_amp
@@ -153,18 +154,18 @@ def _rows(args, feats, train_src, test_src, train_y, test_y, cfg, info) -> list[
     knn_options = KNNOptions(k=args.knn_k, temperature=args.knn_temperature, center=not args.knn_plain)
     rows = []
 
-    def add(extractor, architecture, train_x, test_x, head_dim, epochs, probe: ProbeOptions | None = None):
-        lin = linear_probe(train_x, train_y, test_x, test_y, probe or ProbeOptions(), seed=cfg.seed,
-                           device=args.probe_device)["top1"]
+    def add(extractor, architecture, train_x, test_x, head_dim, epochs):
+        lin = linear_probe(train_x, train_y, test_x, test_y, seed=cfg.seed, device=args.probe_device)["top1"]
         knn = knn_classify(train_x, train_y, test_x, test_y, knn_options)["top1"]
         dim = train_x.shape[1]
         rows.append(result_row("Logistic Regression", extractor, architecture, dim, head_dim, epochs, lin))
         rows.append(result_row("KNN", extractor, architecture, dim, head_dim, epochs, knn))
 
     if isinstance(train_src, torch.Tensor):  # raw pixels fit in memory: the PCA baseline as the seed's rows
+        pca = pca_baseline(train_src, train_y, test_src, test_y, knn_options, seed=cfg.seed, device=args.probe_device)
+        rows.append(result_row("Logistic Regression", "PCA Features", "-", pca["dim"], "-", "", pca["linear_top1"]))
+        rows.append(result_row("KNN", "PCA Features", "-", pca["dim"], "-", "", pca["knn_top1"]))
         raw_tr, raw_te = train_src.flatten(1).float() / 255, test_src.flatten(1).float() / 255
-        pca_tr, pca_te = pca_features(raw_tr, raw_te, dim=min(256, raw_tr.shape[1]))
-        add("PCA Features", "-", pca_tr, pca_te, "-", "", PCA_PROBE)
         if raw_tr.shape[1] <= 4096:
             add("Raw pixels", "-", raw_tr, raw_te, "-", "")
     add("Random init", arch, *feats["Random init"], "-", 0)

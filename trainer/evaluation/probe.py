@@ -1,4 +1,4 @@
-"""Evaluation numerics on frozen features: linear probe (L-BFGS or mini-batch Adam), weighted kNN and exact PCA."""
+"""Evaluation numerics on frozen features: linear probe (L-BFGS or mini-batch Adam) and weighted kNN (PCA: pca.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class ProbeOptions:
     epochs x batch_size, lr cosine-decayed to 0; features stay on CPU and are streamed to the device), or "auto"
     (L-BFGS up to LBFGS_MAX_ELEMENTS train elements).
     standardize: fit on features scaled to zero mean and unit variance (the seed's StandardScaler on network
-    features), or on the features as they are (PCA_PROBE: principal components, see there).
+    features), or on the features as they are (pca.PCA_PROBE: principal components, see there).
     """
 
     weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS
@@ -40,12 +40,6 @@ class ProbeOptions:
     batch_size: int = 1024
     lr: float = 1e-3
     standardize: bool = True
-
-
-# The PCA baseline's probe: the seed fits its logistic regression on the principal components as they come.
-# Standardizing them would whiten: every component, down to the ~160 that only hold the rounding noise of the
-# digits' uint8 upsampling, would weigh as much as the leading ones (92.7% instead of 96.8% on digits).
-PCA_PROBE = ProbeOptions(standardize=False)
 
 
 @dataclass(frozen=True)
@@ -61,7 +55,7 @@ class KNNOptions:
 # ----------------------------------------------------------------------------- small helpers
 
 
-def _as_float(x) -> torch.Tensor:
+def as_float(x) -> torch.Tensor:
     """A float32 CPU tensor (2-D) from a numpy array or a tensor; no copy when already so."""
     x = torch.as_tensor(x)
     return x.reshape(x.shape[0], -1).to(device="cpu", dtype=torch.float32)
@@ -71,7 +65,7 @@ def _as_labels(y) -> torch.Tensor:
     return torch.as_tensor(y).reshape(-1).to(device="cpu", dtype=torch.int64)
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -172,8 +166,7 @@ def _scores(x, weight, bias, mean, std, rows: int = 16384) -> torch.Tensor:
 
 
 def _fit(x, y, num_classes, weight_decay, options: ProbeOptions, solver: str, device, seed):
-    """Standardize x with its own statistics (options.standardize; else mean 0, std 1), fit, return (weight, bias,
-    mean, std)."""
+    """Standardize x with its own statistics (or not: options.standardize), fit; (weight, bias, mean, std)."""
     if options.standardize:
         mean, std = _standardizer(x)
     else:
@@ -202,7 +195,7 @@ def linear_probe(train_x, train_y, test_x, test_y, options: ProbeOptions = Probe
     Returns {"top1", "top5" (with >= 5 classes), "weight_decay", "val_top1", "val_top1_by_wd",
     "solver"}; accuracies are fractions in [0, 1].
     """
-    train_x, test_x = _as_float(train_x), _as_float(test_x)
+    train_x, test_x = as_float(train_x), as_float(test_x)
     train_y, test_y = _as_labels(train_y), _as_labels(test_y)
     num_classes = _num_classes(num_classes, train_y, test_y)
     solver = options.solver
@@ -210,7 +203,7 @@ def linear_probe(train_x, train_y, test_x, test_y, options: ProbeOptions = Probe
         solver = "lbfgs" if train_x.numel() <= LBFGS_MAX_ELEMENTS else "minibatch"
     if solver not in ("lbfgs", "minibatch"):
         raise ValueError(f"solver must be 'auto', 'lbfgs' or 'minibatch', got {solver!r}")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     weight_decays = sorted(float(wd) for wd in options.weight_decays)
     if not weight_decays:
         raise ValueError("weight_decays is empty")
@@ -249,16 +242,16 @@ def knn_scores(train_x, train_y, query_x, options: KNNOptions = KNNOptions(), *,
     votes within a query, not across queries). center=False is the plain
     InstDisc computation. Queries are processed ``chunk_size`` rows at a time (memory chunk_size x n_train).
     """
-    device = _resolve_device(device)
+    device = resolve_device(device)
     train_y = _as_labels(train_y)
     num_classes = num_classes if num_classes is not None else int(train_y.max()) + 1
-    bank = _as_float(train_x).to(device)  # (n, d)
+    bank = as_float(train_x).to(device)  # (n, d)
     mean = bank.mean(0, keepdim=True) if options.center else None
     # one working copy of the bank (the caller's features stay untouched), normalized in place
     bank = bank - mean if mean is not None else bank.clone()
     bank.div_(bank.norm(dim=1, keepdim=True).clamp_min_(1e-12))  # = F.normalize(bank, dim=1)
     bank_labels = train_y.to(device)
-    query_x = _as_float(query_x)
+    query_x = as_float(query_x)
     k = min(options.k, bank.shape[0])
     out = []
     for i in range(0, query_x.shape[0], options.chunk_size):
@@ -281,30 +274,3 @@ def knn_classify(train_x, train_y, test_x, test_y, options: KNNOptions = KNNOpti
     result = topk_accuracy(votes, test_y)
     result["k"], result["centered"] = min(options.k, len(train_y)), options.center
     return result
-
-
-# ----------------------------------------------------------------------------- PCA
-@torch.no_grad()
-def pca_features(train_x, test_x, dim: int = 256, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Project train and test onto the top principal axes of train (raw values, flattened).
-
-    Returns float32 CPU tensors (n, q), (m, q) with q = min(dim, n_features, n_samples); the default
-    dim gives the seed README's 256. Centering uses the train mean; the axes come from an exact SVD in
-    float64 (the baseline runs on in-memory pixel sets, where that takes seconds).
-    Signs are deterministic: each axis has its largest-magnitude loading positive (like sklearn).
-    """
-    device = _resolve_device(device)
-    train_x, test_x = _as_float(train_x), _as_float(test_x)
-    n, f = train_x.shape
-    q = min(dim, n, f)
-    x = train_x.to(device, torch.float64)
-    mean = x.mean(dim=0)
-    axes = torch.linalg.svd(x - mean, full_matrices=False).Vh[:q].T  # (f, q)
-    rows = torch.arange(q, device=axes.device)
-    signs = torch.sign(axes[axes.abs().argmax(dim=0), rows])
-    axes = axes * torch.where(signs == 0, torch.ones_like(signs), signs)
-
-    def project(z: torch.Tensor) -> torch.Tensor:
-        return ((z.to(device, axes.dtype) - mean) @ axes).float().cpu()
-
-    return project(train_x), project(test_x)
