@@ -51,12 +51,12 @@ def pretrain_and_labeled(cfg):
 
 
 def pca_rows(labeled, cfg) -> dict:
-    from trainer.evaluation.pca import pca_baseline
+    from trainer.evaluation.pca import pca_baseline, raw_pixels
     from trainer.evaluation.probe import KNNOptions
 
     knn = KNNOptions(k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
-    row = pca_baseline(labeled.train_images, labeled.train_labels, labeled.test_images, labeled.test_labels, knn,
-                       seed=cfg.seed)
+    row = pca_baseline(raw_pixels(labeled.train_images), labeled.train_labels, raw_pixels(labeled.test_images),
+                       labeled.test_labels, knn, seed=cfg.seed)
     return {"linear_top1": row["linear_top1"], "knn_top1": row["knn_top1"]}
 
 

@@ -28,7 +28,7 @@ from trainer import checkpoint, distributed
 from trainer.config import Config, ModelConfig
 from trainer.config_load import load_config
 from trainer.evaluation.features import extract_features
-from trainer.evaluation.pca import pca_baseline
+from trainer.evaluation.pca import pca_baseline, raw_pixels
 from trainer.evaluation.probe import KNNOptions, knn_classify, linear_probe
 from trainer.evaluation.report import ARCHITECTURE_NAMES, markdown_table, result_row
 from trainer.model import build_backbone
@@ -162,10 +162,10 @@ def _rows(args, feats, train_src, test_src, train_y, test_y, cfg, info) -> list[
         rows.append(result_row("KNN", extractor, architecture, dim, head_dim, epochs, knn))
 
     if isinstance(train_src, torch.Tensor):  # raw pixels fit in memory: the PCA baseline as the seed's rows
-        pca = pca_baseline(train_src, train_y, test_src, test_y, knn_options, seed=cfg.seed, device=args.probe_device)
+        raw_tr, raw_te = raw_pixels(train_src), raw_pixels(test_src)
+        pca = pca_baseline(raw_tr, train_y, raw_te, test_y, knn_options, seed=cfg.seed, device=args.probe_device)
         rows.append(result_row("Logistic Regression", "PCA Features", "-", pca["dim"], "-", "", pca["linear_top1"]))
         rows.append(result_row("KNN", "PCA Features", "-", pca["dim"], "-", "", pca["knn_top1"]))
-        raw_tr, raw_te = train_src.flatten(1).float() / 255, test_src.flatten(1).float() / 255
         if raw_tr.shape[1] <= 4096:
             add("Raw pixels", "-", raw_tr, raw_te, "-", "")
     add("Random init", arch, *feats["Random init"], "-", 0)

@@ -38,12 +38,16 @@ def pca_features(train_x, test_x, dim: int = 256, device=None) -> tuple[torch.Te
     return project(train_x), project(test_x)
 
 
-def pca_baseline(train_images: torch.Tensor, train_y, test_images: torch.Tensor, test_y,
+def raw_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [N, ...] as the baseline rows' features: [N, pixels] float32 in [0, 1]."""
+    return images.flatten(1).float() / 255
+
+
+def pca_baseline(train_pixels: torch.Tensor, train_y, test_pixels: torch.Tensor, test_y,
                  knn: KNNOptions | None = None, *, seed: int = 0, device=None) -> dict:
-    """The seed's PCA rows {"dim", "linear_top1", "knn_top1"}: uint8 images as [0, 1] pixels, the top min(256, pixels)
+    """The seed's PCA rows {"dim", "linear_top1", "knn_top1"} from raw_pixels features: the top min(256, pixels)
     principal axes of train, the linear probe on the components as they come (PCA_PROBE) and the weighted kNN."""
-    raw_tr, raw_te = train_images.flatten(1).float() / 255, test_images.flatten(1).float() / 255
-    pca_tr, pca_te = pca_features(raw_tr, raw_te, dim=min(256, raw_tr.shape[1]))
+    pca_tr, pca_te = pca_features(train_pixels, test_pixels, dim=min(256, train_pixels.shape[1]))
     return {"dim": pca_tr.shape[1],
             "linear_top1": linear_probe(pca_tr, train_y, pca_te, test_y, PCA_PROBE, seed=seed, device=device)["top1"],
             "knn_top1": knn_classify(pca_tr, train_y, pca_te, test_y, knn or KNNOptions())["top1"]}
