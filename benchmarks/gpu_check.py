@@ -63,17 +63,20 @@ class CheckTimeout(Exception):
 @contextlib.contextmanager
 def time_limit(seconds: float):
     """Raises CheckTimeout in the main thread once `seconds` have passed (between Python bytecodes: a CUDA call
-    returns first)."""
+    returns first). An alarm already set (a caller's own limit) is re-armed afterwards with the time it had left."""
     def expire(signum, frame):
         raise CheckTimeout(f"time limit of {seconds:.0f} s reached")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    outer_left, outer_interval = signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    started = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_left > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - started), 0.001), outer_interval)
 
 
 # ============================================================================= run, verdict, report

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.beton_writer import WriterDied, write_indexed
 from data.sources import NAMES, as_rgb_array, image_path, open_source, resolve_data_path
 
 _PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)
@@ -24,8 +25,8 @@ _PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)
 
 class _Guarded:
     """(HWC uint8 array, int label) for FFCV's writer; an unreadable image is flagged in shared memory and
-    written as a placeholder. FFCV 1.0.2's writer waits forever when a worker process dies on an exception,
-    so no exception may leave __getitem__; the caller checks the flags after the write."""
+    written as a placeholder, so that one pass finds every unreadable image (an exception would end the writer
+    process, and the write with it: data.beton_writer.WriterDied); the caller checks the flags after the write."""
 
     def __init__(self, source, indices: list[int]):
         self.source, self.indices = source, indices
@@ -58,10 +59,8 @@ def describe(source, index: int) -> str:
 
 def _write(source, indices: list[int], path: Path, fields: dict, num_workers: int) -> list[int]:
     """Writes the samples `indices` to `path`; returns the unreadable ones among them."""
-    from ffcv.writer import DatasetWriter
-
     dataset = _Guarded(source, indices)
-    DatasetWriter(str(path), fields, num_workers=num_workers).from_indexed_dataset(dataset)
+    write_indexed(path, fields, dataset, num_workers)
     return dataset.unreadable()
 
 
@@ -140,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except WriterDied as err:  # e.g. the disk filled up: the worker's own error is printed above this line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if result["skipped"]:
         print(f"skipped {len(result['skipped'])} unreadable image(s):", *result["skipped"], sep="\n  ", file=sys.stderr)
     print(f"wrote {result['written']} images to {result['out']}")

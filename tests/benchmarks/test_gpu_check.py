@@ -1,6 +1,8 @@
 """The GPU acceptance script: its dry run on the CPU end to end (report files and fields, verdict pass), the
 verdict logic, the time limit, and the FLOP count that MFU rests on."""
+import contextlib
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -83,6 +85,23 @@ def test_time_limit_interrupts():
             while True:
                 time.sleep(0.01)
     assert time.monotonic() - start < 2
+
+
+def test_time_limit_rearms_an_outer_alarm_with_the_time_it_had_left():
+    """The suite's per-test timeout is such an alarm: a check's own limit must not cancel it."""
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(time.monotonic()))
+    try:
+        start = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, 0.6)
+        with gpu_check.time_limit(0.2), contextlib.suppress(gpu_check.CheckTimeout):
+            time.sleep(1)
+        assert fired == [] and 0.25 < signal.getitimer(signal.ITIMER_REAL)[0] < 0.45
+        time.sleep(1)
+        assert len(fired) == 1 and 0.55 < fired[0] - start < 0.8
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_resnet50_flops_match_torchvisions_published_count():
