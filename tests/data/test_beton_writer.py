@@ -60,3 +60,24 @@ def test_a_dying_writer_process_is_an_error_naming_how_it_ended(tmp_path, how, c
 
     assert multiprocessing.active_children() == []  # the other worker was stopped and every one reaped
     assert shared_memory_segments() <= before  # FFCV's metadata segment released
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (root)")
+def test_a_full_disk_ends_prepare_with_the_workers_error(tmp_path):
+    """The fault behind an endless wait once seen in the suite: the disk fills while a worker writes its pages."""
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "data.prepare", "--dataset", "digits", "--out",
+                               str(disk / "d.beton"), "--num-workers", "2"], cwd=Path(__file__).parents[2],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "No space left on device" in proc.stderr and "a .beton writer process" in proc.stderr, proc.stderr
+        assert list(disk.iterdir()) == []  # no partial file under either name
+    finally:
+        subprocess.run(["umount", str(disk)])
