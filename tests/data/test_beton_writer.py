@@ -62,6 +62,7 @@ def test_a_dying_writer_process_is_an_error_naming_how_it_ended(tmp_path, how, c
     assert shared_memory_segments() <= before  # FFCV's metadata segment released
 
 
+@pytest.mark.slow  # fault injection: a subprocess writing the digits onto a full disk
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (root)")
 def test_a_full_disk_ends_prepare_with_the_workers_error(tmp_path):
     """The fault behind an endless wait once seen in the suite: the disk fills while a worker writes its pages."""
