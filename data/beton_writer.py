@@ -10,6 +10,7 @@ timeout) the workers are stopped and the shared memory released.
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing as mp
 import time
 from multiprocessing.process import BaseProcess
@@ -23,7 +24,9 @@ class WriterDied(RuntimeError):
     """A writer process ended before every sample was written."""
 
 
+@functools.cache
 def _writer_class():
+    """DatasetWriter with the watched wait, made on first use (FFCV is an optional dependency)."""
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter
 
@@ -94,9 +97,10 @@ def _get_while_alive(queue, processes: list[BaseProcess], total: int):
         try:
             return queue.get(timeout=1.0)
         except Empty:
-            if any(p.exitcode not in (None, 0) for p in processes) or all(p.exitcode == 0 for p in processes):
-                raise _dead(processes, total, total) or WriterDied(
-                    "the .beton writer processes ended without reporting where they wrote") from None
+            if (error := _dead(processes, total, total)) is not None:
+                raise error from None
+            if all(p.exitcode is not None for p in processes):
+                raise WriterDied("the .beton writer processes ended without reporting where they wrote") from None
 
 
 def _stop(processes: list[BaseProcess], grace_s: float) -> None:

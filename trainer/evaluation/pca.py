@@ -46,8 +46,9 @@ def raw_pixels(images: torch.Tensor) -> torch.Tensor:
 def pca_baseline(train_pixels: torch.Tensor, train_y, test_pixels: torch.Tensor, test_y,
                  knn: KNNOptions | None = None, *, seed: int = 0, device=None) -> dict:
     """The seed's PCA rows {"dim", "linear_top1", "knn_top1"} from raw_pixels features: the top min(256, pixels)
-    principal axes of train, the linear probe on the components as they come (PCA_PROBE) and the weighted kNN."""
-    pca_tr, pca_te = pca_features(train_pixels, test_pixels, dim=min(256, train_pixels.shape[1]))
+    principal axes of train, the linear probe on the components as they come (PCA_PROBE) and the weighted kNN, all
+    three on `device`."""
+    pca_tr, pca_te = pca_features(train_pixels, test_pixels, dim=min(256, train_pixels.shape[1]), device=device)
     return {"dim": pca_tr.shape[1],
             "linear_top1": linear_probe(pca_tr, train_y, pca_te, test_y, PCA_PROBE, seed=seed, device=device)["top1"],
-            "knn_top1": knn_classify(pca_tr, train_y, pca_te, test_y, knn or KNNOptions())["top1"]}
+            "knn_top1": knn_classify(pca_tr, train_y, pca_te, test_y, knn or KNNOptions(), device=device)["top1"]}
