@@ -2,7 +2,8 @@
 # The main job on the embedded default: installs what training needs, pretrains SimCLR on scikit-learn's digits
 # (configs/quickstart.yaml: a small ResNet, about 3 minutes on a slow 2-core CPU), then prints the seed's
 # results table: held-out linear-probe / kNN accuracy of the learned backbone, the random-init backbone and PCA.
-# Extra arguments are config overrides (e.g. epochs=5 output_dir=runs/short). Rerunning resumes.
+# Extra arguments are config overrides (e.g. epochs=5 output_dir=runs/short). Ctrl-C stops after the current step
+# with a checkpoint; rerunning resumes.
 # Layout: one process with a thread per core (faster than a process per core for this small network on 2 cores:
 # benchmarks/results/*-quickstart/quickstart.md). NPROC=2 runs the distributed path instead (torchrun, gloo,
 # one thread per process): the same training, the global batch split over the processes.

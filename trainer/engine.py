@@ -34,10 +34,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(SystemExit):
-    """A stop signal arrived; a checkpoint was written. Exits with a code that torchrun/SLURM restart."""
+    """A stop signal arrived; a checkpoint was written. Exits with PREEMPTED_EXIT_CODE (torchrun/SLURM restart it)
+    or, after a Ctrl-C, preemption.INTERRUPTED_EXIT_CODE."""
 
-    def __init__(self):
-        super().__init__(PREEMPTED_EXIT_CODE)
+    def __init__(self, code: int = PREEMPTED_EXIT_CODE):
+        super().__init__(code)
 
 
 def run(cfg: Config, ctx: DistContext) -> dict:
@@ -101,12 +102,12 @@ class Trainer:
     # ------------------------------------------------------------------------- the loop
     def fit(self, run: RunState) -> dict:
         """Trains to the schedule's stop step, checkpointing at epoch ends (and every checkpoint_every_n_steps);
-        a stop signal checkpoints and exits with PREEMPTED_EXIT_CODE. Returns finish()'s results."""
+        a stop signal (Ctrl-C too) checkpoints and exits (Preempted). Returns finish()'s results."""
         cfg, ctx, p, stop = self.cfg, self.ctx, run.progress, run.schedule.stop_step
         meter, aug_gen = StepMeter(ctx.device), torch.Generator(device=ctx.device)
         slow_steps = distributed.SlowStepWatch(distributed.WorldInfo(ctx.rank, ctx.local_rank, ctx.world_size,
                                                                      ctx.restart_count))
-        preemption = PreemptionWatch(ctx.world_size).install()
+        preemption = PreemptionWatch(ctx.world_size, announce=ctx.is_main).install()
         try:
             run.train_model.train()
             while p.step < stop:
@@ -167,10 +168,13 @@ class Trainer:
                 checkpoint.save(checkpoint.training_state(run, cfg, self.ctx.world_size, self.ctx.device),
                                 cfg.output_dir, p.step, cfg.keep_checkpoints)
         if stop_now:
+            code = preemption.exit_code
+            then = ("so the launcher restarts" if code == PREEMPTED_EXIT_CODE else
+                    "(stopped by Ctrl-C): rerun the same command to resume")
             self.log.info(f"{preemption.signal_name or 'stop signal'} received: checkpoint at step {p.step} "
-                          f"written; exiting with code {PREEMPTED_EXIT_CODE} so the launcher restarts")
+                          f"written; exiting with code {code} {then}")
             torch.distributed.barrier()
-            raise Preempted()
+            raise Preempted(code)
 
     # ------------------------------------------------------------------------- reports
     def _log_interval(self, run: RunState, meter: StepMeter, lr: float) -> None:

@@ -1,28 +1,44 @@
-"""SIGTERM / SIGUSR1 handling: every rank agrees to stop after the same step, so rank 0 can checkpoint and exit."""
+"""Stop signals: every rank agrees to stop after the same step, so rank 0 can checkpoint and every rank exit.
+
+SIGTERM / SIGUSR1 (a scheduler's preemption, `scancel --signal=USR1`): checkpoint, exit PREEMPTED_EXIT_CODE.
+SIGINT (Ctrl-C): the same checkpoint, then exit INTERRUPTED_EXIT_CODE; a second Ctrl-C at least
+`abort_after_s` later stops at once (KeyboardInterrupt), losing the steps since the last checkpoint. The pause
+absorbs the copy torchrun forwards to its workers of the Ctrl-C they already got from the terminal.
+"""
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
 
-# 128 + SIGTERM: torchrun restarts a worker group that exits non-zero (under --max-restarts), and the SLURM
-# script requeues the job on it.
+# 128 + SIGTERM: torchrun restarts a worker group that exits non-zero (under --max-restarts); launch/slurm.sbatch
+# requeues the job when it had been sent USR1.
 PREEMPTED_EXIT_CODE = 143
+# 128 + SIGINT: the user stopped the run; rerunning the same command resumes from the checkpoint.
+INTERRUPTED_EXIT_CODE = 130
+NONE, PREEMPTED, INTERRUPTED = 0, 1, 2  # the decision; the largest any rank saw wins
+CTRL_C_NOTICE = ("\nCtrl-C: the run stops after this step and writes a checkpoint (rerun the same command to "
+                 "resume); Ctrl-C again, {:g} s from now or later, stops at once without one.\n")
 
 
 class PreemptionWatch:
     """Records a stop signal and turns it into a decision all ranks share.
 
     The per-step check is an all_reduce of one int over a CPU (gloo) group, so it never waits on the GPU
-    stream: a few tens of microseconds per step on one node.
+    stream: a few tens of microseconds per step on one node. `announce`: print the Ctrl-C notice (rank 0).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self, world_size: int):
-        self.requested = 0
+    def __init__(self, world_size: int, announce: bool = False, abort_after_s: float = 2.0):
+        self.requested = NONE
+        self.decision = NONE
         self.signal_name = ""
+        self.announce, self.abort_after_s = announce, abort_after_s
+        self._interrupted_at: float | None = None
         self._previous = {}
         self._group = None
         if world_size > 1:
@@ -43,12 +59,29 @@ class PreemptionWatch:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        self.requested = 1
         self.signal_name = signal.Signals(signum).name
+        if signum != signal.SIGINT:
+            self.requested = max(self.requested, PREEMPTED)
+            return
+        now = time.monotonic()
+        if self._interrupted_at is None:
+            self._interrupted_at = now
+            if self.announce:  # os.write: a print here could re-enter a print the signal interrupted
+                os.write(2, CTRL_C_NOTICE.format(self.abort_after_s).encode())
+        elif now - self._interrupted_at >= self.abort_after_s:
+            raise KeyboardInterrupt
+        self.requested = INTERRUPTED
 
     def should_stop(self) -> bool:
         """Collective: True on every rank once any rank has received a stop signal."""
         self._flag.fill_(self.requested)
         if self._group is not None:
             dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(self._flag.item())
+        self.decision = int(self._flag.item())
+        return self.decision != NONE
+
+    @property
+    def exit_code(self) -> int:
+        """The code every rank exits with once should_stop() is True: a Ctrl-C on any rank makes it the user's stop
+        (nothing restarts it), else a preemption that torchrun or the scheduler may restart."""
+        return INTERRUPTED_EXIT_CODE if self.decision == INTERRUPTED else PREEMPTED_EXIT_CODE

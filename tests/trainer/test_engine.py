@@ -195,7 +195,7 @@ def test_checkpoints_at_epoch_ends_every_n_steps_and_the_last_step(tmp_path, dis
     assert (state["epoch"], state["step_in_epoch"]) == (8 // per_epoch, 8 % per_epoch)
 
 
-def _preempted_at_step_3(rank, world_size, output_dir):
+def _preempted_at_step_3(rank, world_size, output_dir, signal_name="SIGUSR1"):
     import os
     import signal
 
@@ -204,23 +204,27 @@ def _preempted_at_step_3(rank, world_size, output_dir):
     def step_then_signal(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:  # the signal lands during step 3: that step completes, then the run stops
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.Signals[signal_name])
         return train_step(*args, **kwargs)
 
     engine.train_step = step_then_signal  # the step the Trainer builds with (this forked process only)
     cfg = load_config(None, [*SMALL_RUN, f"output_dir={output_dir}", "epochs=5"])
     ctx = DistContext(rank, rank, world_size, torch.device("cpu"), "gloo")
+    before = signal.getsignal(signal.Signals[signal_name])
     try:
         engine.run(cfg, ctx)
     except SystemExit as stop:
         return {"code": stop.code, "preempted": isinstance(stop, engine.Preempted),
-                "signal": signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL}
+                "signal": signal.getsignal(signal.Signals[signal_name]) == before}
     return {"code": None}
 
 
-def test_a_stop_signal_checkpoints_the_step_and_exits_for_a_restart(tmp_path, distributed_run):
-    outcome = distributed_run(_preempted_at_step_3, 1, str(tmp_path))[0]
-    assert outcome == {"code": 143, "preempted": True, "signal": True}  # handler uninstalled on the way out
+@pytest.mark.parametrize("signal_name, code", [("SIGUSR1", 143), ("SIGINT", 130)])
+def test_a_stop_signal_checkpoints_the_step_and_exits(tmp_path, distributed_run, signal_name, code):
+    """A preemption exits 143 (torchrun and the scheduler restart it), a Ctrl-C 130 (the user's stop); both after
+    the step the signal interrupted, with its checkpoint."""
+    outcome = distributed_run(_preempted_at_step_3, 1, str(tmp_path), signal_name)[0]
+    assert outcome == {"code": code, "preempted": True, "signal": True}  # handler uninstalled on the way out
     assert _checkpoint_steps(tmp_path)[-1] == 3
 
 

@@ -1,5 +1,5 @@
 """Faults injected into live torchrun jobs (CPU, gloo, loopback): multi-node rendezvous, a killed worker under
---max-restarts, SIGTERM preemption, a torn latest checkpoint. Each bounded in time."""
+--max-restarts, SIGTERM preemption and Ctrl-C, a torn latest checkpoint. Each bounded in time."""
 import contextlib
 import os
 import re
@@ -84,23 +84,34 @@ def test_killed_worker_restarts_and_matches_uninterrupted_run(tmp_path, uninterr
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
 
 
-def test_sigterm_checkpoints_within_grace_and_resumes(tmp_path, uninterrupted):
+@pytest.mark.parametrize("stop", ["SIGTERM to torchrun", "Ctrl-C"])
+def test_a_stop_signal_checkpoints_within_grace_and_resumes(tmp_path, uninterrupted, stop):
+    """A scheduler's SIGTERM reaches torchrun, which forwards it to its workers; a Ctrl-C in the terminal reaches
+    the whole foreground process group (torchrun and every worker), and torchrun forwards a second one. Either way
+    the workers finish their step, rank 0 checkpoints, and the rerun ends where an uninterrupted run does."""
     proc = subprocess.Popen(torchrun("--standalone", "--nproc_per_node=2", *RUN, f"output_dir={tmp_path}"),
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     metrics = tmp_path / "metrics.jsonl"
     try:
         wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, 240, proc)
         sent = time.time()
-        proc.send_signal(signal.SIGTERM)
+        if stop == "Ctrl-C":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=60)[0]
         took = time.time() - sent
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     saved = checkpoint.list_checkpoints(tmp_path)
     assert saved, output[-3000:]
     step = torch.load(saved[-1], weights_only=True)["step"]
     assert 0 < step < uninterrupted["step"] and took < 30
-    assert "checkpoint at step" in output
+    code = 130 if stop == "Ctrl-C" else 143
+    assert f"checkpoint at step {step} written; exiting with code {code}" in output, output[-3000:]
+    assert "KeyboardInterrupt" not in output  # the forwarded second Ctrl-C did not abort the checkpoint
     again = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", *RUN, f"output_dir={tmp_path}"),
                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"at step {step} " in again.stdout, again.stderr[-3000:]

@@ -1,11 +1,13 @@
-"""Stop signals: a real SIGTERM / SIGUSR1 sets the decision, one rank's signal stops every rank, and uninstall
-gives the process its previous handlers back."""
+"""Stop signals: a real SIGTERM / SIGUSR1 / SIGINT sets the decision, one rank's signal stops every rank with the
+same exit code, a second Ctrl-C after the pause stops at once, and uninstall gives the process its previous
+handlers back."""
 import os
 import signal
+import time
 
 import pytest
 
-from trainer.preemption import PreemptionWatch
+from trainer.preemption import CTRL_C_NOTICE, INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, PreemptionWatch
 
 
 def _send_to_self(sig: signal.Signals, expected_handler) -> None:
@@ -53,15 +55,53 @@ def test_uninstall_restores_the_previous_handlers():
             signal.signal(sig, handler)
 
 
-def _decisions(rank, world_size, signalled_rank):
-    """Two rounds of the per-step check on every rank; between them only `signalled_rank` gets SIGUSR1."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, PREEMPTED_EXIT_CODE), (signal.SIGUSR1, PREEMPTED_EXIT_CODE),
+                                       (signal.SIGINT, INTERRUPTED_EXIT_CODE)], ids=lambda v: str(v))
+def test_the_signal_decides_the_exit_code(sig, code):
+    watch = PreemptionWatch(world_size=1).install()
+    try:
+        _send_to_self(sig, signal.getsignal(sig))
+        assert watch.should_stop() and watch.exit_code == code
+    finally:
+        watch.uninstall()
+
+
+def test_a_second_ctrl_c_after_the_pause_stops_at_once(capfd):
+    """The first Ctrl-C asks for a checkpoint (and says so once); another within the pause is the same request
+    (torchrun forwards the terminal's Ctrl-C to workers that already got it); one after the pause interrupts."""
+    watch = PreemptionWatch(world_size=1, announce=True, abort_after_s=0.3).install()
+    try:
+        handler = signal.getsignal(signal.SIGINT)
+        _send_to_self(signal.SIGINT, handler)
+        _send_to_self(signal.SIGINT, handler)  # at once: absorbed
+        assert watch.should_stop() and watch.exit_code == INTERRUPTED_EXIT_CODE
+        assert capfd.readouterr().err == CTRL_C_NOTICE.format(0.3)
+        time.sleep(0.35)
+        with pytest.raises(KeyboardInterrupt):
+            _send_to_self(signal.SIGINT, handler)
+    finally:
+        watch.uninstall()
+
+
+def test_only_the_announcing_rank_prints_the_notice(capfd):
+    watch = PreemptionWatch(world_size=1).install()
+    try:
+        _send_to_self(signal.SIGINT, signal.getsignal(signal.SIGINT))
+        assert watch.should_stop() and capfd.readouterr().err == ""
+    finally:
+        watch.uninstall()
+
+
+def _decisions(rank, world_size, signals):
+    """Two rounds of the per-step check on every rank; between them rank r gets signals[r] (None: nothing)."""
     watch = PreemptionWatch(world_size).install()
     try:
         before = watch.should_stop()
-        if rank == signalled_rank:
-            _send_to_self(signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        if signals[rank] is not None:
+            sig = signal.Signals[signals[rank]]
+            _send_to_self(sig, signal.getsignal(sig))
         after = watch.should_stop()  # collective: the signalled rank's flag reaches the other one here
-        return before, after, watch.signal_name
+        return before, after, watch.signal_name, watch.exit_code
     finally:
         watch.uninstall()
 
@@ -70,6 +110,17 @@ def _decisions(rank, world_size, signalled_rank):
 def test_one_ranks_signal_stops_every_rank(distributed_run, signalled_rank):
     """Whichever rank the scheduler signals, both stop after the same step (a rank going on alone would hang in
     the next step's all-reduce)."""
-    results = distributed_run(_decisions, 2, signalled_rank)
+    signals = ["SIGUSR1" if rank == signalled_rank else None for rank in range(2)]
+    results = distributed_run(_decisions, 2, signals)
     assert [r[:2] for r in results] == [(False, True), (False, True)]
-    assert [r[2] for r in results] == ["SIGUSR1" if rank == signalled_rank else "" for rank in range(2)]
+    assert [r[2] for r in results] == [name or "" for name in signals]
+    assert [r[3] for r in results] == [PREEMPTED_EXIT_CODE] * 2
+
+
+def test_a_ctrl_c_on_one_rank_is_every_ranks_stop(distributed_run):
+    """A Ctrl-C reaches one node's ranks; a preemption another's: every rank exits 130, none asks for a restart
+    (a node restarting alone would wait in the rendezvous for the stopped one)."""
+    results = distributed_run(_decisions, 2, ["SIGINT", "SIGTERM"])
+    assert [r[1:] for r in results] == [(True, "SIGINT", 130), (True, "SIGTERM", 130)]
+    results = distributed_run(_decisions, 2, [None, "SIGINT"])
+    assert [r[3] for r in results] == [INTERRUPTED_EXIT_CODE] * 2
