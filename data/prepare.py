@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except WriterDied as err:  # e.g. the disk filled up: the worker's own error is printed above this line
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the write is atomic: the temporary file is gone, an earlier --out file untouched
+        print(f"interrupted: {args.out} not written", file=sys.stderr)
+        return 130
     if result["skipped"]:
         print(f"skipped {len(result['skipped'])} unreadable image(s):", *result["skipped"], sep="\n  ", file=sys.stderr)
     print(f"wrote {result['written']} images to {result['out']}")

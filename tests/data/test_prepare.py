@@ -121,3 +121,19 @@ def test_datasets_paths_are_under_simclr_data_and_data_dir_defaults_there(image_
     assert read_beton(tmp_path / "b" / "f.beton", images=False)[1] == [0, 0, 0, 1, 1, 1]
     assert prepare_main(["--dataset", "cifar10", "--out", "datasets/c.beton"]) == 2  # no --data-dir: datasets/cifar10
     assert f"{tmp_path / 'cifar10'}: no such directory" in capsys.readouterr().err
+
+
+def test_ctrl_c_mid_write_leaves_no_file_and_the_earlier_one_whole(image_folder, tmp_path, capsys, monkeypatch):
+    import data.prepare as prepare_module
+
+    out = tmp_path / "x.beton"
+    out.write_bytes(b"an earlier file")
+
+    def half_written(source, indices, path, fields, num_workers):
+        path.write_bytes(b"half a .beton")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "_write", half_written)
+    code = prepare_main(["--dataset", "imagefolder", "--data-dir", str(image_folder), "--out", str(out)])
+    assert code == 130 and f"interrupted: {out} not written" in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier file" and not list(tmp_path.glob(".x.beton.tmp*"))
