@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import multiprocessing as mp
+import signal
 import time
 from multiprocessing.process import BaseProcess
 from queue import Empty
@@ -46,7 +47,8 @@ def _writer_class():
                 allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
                 args = (workqueue, self.metadata_sm, self.metadata_type, self.fields, allocator, done,
                         allocations_queue, *extra_worker_args)
-                processes = [_FORK.Process(target=work_fn, args=args, daemon=True) for _ in range(self.num_workers)]
+                processes = [_FORK.Process(target=_without_sigint, args=(work_fn, *args), daemon=True)
+                             for _ in range(self.num_workers)]
                 for p in processes:
                     p.start()
                 count = done.get_obj()  # read without the lock: a worker killed while holding it must not stop us
@@ -117,6 +119,13 @@ def _stop(processes: list[BaseProcess], grace_s: float) -> None:
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def _without_sigint(work_fn, *args) -> None:
+    """A writer process: a terminal's Ctrl-C reaches it too; the parent decides (it stops its workers) and says so
+    once, instead of every worker printing a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    work_fn(*args)
 
 
 def write_indexed(path: str, fields: dict, dataset, num_workers: int = -1) -> None:

@@ -107,7 +107,7 @@ class Trainer:
         meter, aug_gen = StepMeter(ctx.device), torch.Generator(device=ctx.device)
         slow_steps = distributed.SlowStepWatch(distributed.WorldInfo(ctx.rank, ctx.local_rank, ctx.world_size,
                                                                      ctx.restart_count))
-        preemption = PreemptionWatch(ctx.world_size, announce=ctx.is_main).install()
+        preemption = PreemptionWatch(ctx.world_size, announce=ctx.local_rank == 0).install()
         try:
             run.train_model.train()
             while p.step < stop:
@@ -132,6 +132,8 @@ class Trainer:
                         self._end_of_epoch(run, _Rate(p.step - epoch_first_step, time.perf_counter() - epoch_start,
                                                       stop - p.step, cfg.batch_size))
                         break
+            if preemption.should_stop():  # it came during the last epoch's end (validation, kNN): no final probe
+                self._stop(run, preemption)
         finally:
             preemption.uninstall()
         return self.finish(run)
@@ -168,13 +170,17 @@ class Trainer:
                 checkpoint.save(checkpoint.training_state(run, cfg, self.ctx.world_size, self.ctx.device),
                                 cfg.output_dir, p.step, cfg.keep_checkpoints)
         if stop_now:
-            code = preemption.exit_code
-            then = ("so the launcher restarts" if code == PREEMPTED_EXIT_CODE else
-                    "(stopped by Ctrl-C): rerun the same command to resume")
-            self.log.info(f"{preemption.signal_name or 'stop signal'} received: checkpoint at step {p.step} "
-                          f"written; exiting with code {code} {then}")
-            torch.distributed.barrier()
-            raise Preempted(code)
+            self._stop(run, preemption)
+
+    def _stop(self, run: RunState, preemption: PreemptionWatch) -> None:
+        """After the checkpoint of the current step: every rank exits with the code the stop signal decided."""
+        code = preemption.exit_code
+        then = ("so the launcher restarts" if code == PREEMPTED_EXIT_CODE else
+                "(stopped by Ctrl-C): rerun the same command to resume")
+        self.log.info(f"{preemption.signal_name or 'stop signal'} received: checkpoint at step {run.progress.step} "
+                      f"written; exiting with code {code} {then}")
+        torch.distributed.barrier()
+        raise Preempted(code)
 
     # ------------------------------------------------------------------------- reports
     def _log_interval(self, run: RunState, meter: StepMeter, lr: float) -> None:

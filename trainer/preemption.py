@@ -1,12 +1,15 @@
 """Stop signals: every rank agrees to stop after the same step, so rank 0 can checkpoint and every rank exit.
 
 SIGTERM / SIGUSR1 (a scheduler's preemption, `scancel --signal=USR1`): checkpoint, exit PREEMPTED_EXIT_CODE.
-SIGINT (Ctrl-C): the same checkpoint, then exit INTERRUPTED_EXIT_CODE; a second Ctrl-C at least
-`abort_after_s` later stops at once (KeyboardInterrupt), losing the steps since the last checkpoint. The pause
-absorbs the copy torchrun forwards to its workers of the Ctrl-C they already got from the terminal.
+SIGINT (Ctrl-C): the same checkpoint, then exit INTERRUPTED_EXIT_CODE. After a Ctrl-C, another stop signal at
+least `abort_after_s` later stops at once (KeyboardInterrupt), losing the steps since the last checkpoint: a second
+Ctrl-C of a direct run, or the SIGTERM torchrun sends its workers on a second Ctrl-C (torchrun starts each worker
+in a session of its own, so the terminal's Ctrl-C reaches torchrun, which forwards it). One sooner is the same
+request (a key pressed twice).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -28,7 +31,8 @@ class PreemptionWatch:
     """Records a stop signal and turns it into a decision all ranks share.
 
     The per-step check is an all_reduce of one int over a CPU (gloo) group, so it never waits on the GPU
-    stream: a few tens of microseconds per step on one node. `announce`: print the Ctrl-C notice (rank 0).
+    stream: a few tens of microseconds per step on one node. `announce`: print the Ctrl-C notice (the first
+    process of each node: the one whose terminal was pressed may be any).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -60,17 +64,18 @@ class PreemptionWatch:
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self._interrupted_at is not None:
+            if now - self._interrupted_at >= self.abort_after_s:
+                raise KeyboardInterrupt
+            return
         if signum != signal.SIGINT:
             self.requested = max(self.requested, PREEMPTED)
             return
-        now = time.monotonic()
-        if self._interrupted_at is None:
-            self._interrupted_at = now
-            if self.announce:  # os.write: a print here could re-enter a print the signal interrupted
+        self._interrupted_at, self.requested = now, INTERRUPTED
+        if self.announce:  # os.write: a print here could re-enter a print the signal interrupted
+            with contextlib.suppress(OSError):  # e.g. stderr piped into a `tee` the same Ctrl-C ended
                 os.write(2, CTRL_C_NOTICE.format(self.abort_after_s).encode())
-        elif now - self._interrupted_at >= self.abort_after_s:
-            raise KeyboardInterrupt
-        self.requested = INTERRUPTED
 
     def should_stop(self) -> bool:
         """Collective: True on every rank once any rank has received a stop signal."""

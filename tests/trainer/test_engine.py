@@ -228,6 +228,35 @@ def test_a_stop_signal_checkpoints_the_step_and_exits(tmp_path, distributed_run,
     assert _checkpoint_steps(tmp_path)[-1] == 3
 
 
+def _ctrl_c_in_the_last_epochs_end(rank, world_size, output_dir):
+    import os
+    import signal
+
+    finished, end_of_epoch = [], engine.Trainer._end_of_epoch
+
+    def end_then_signal(self, run, rate):
+        if run.progress.step == run.schedule.stop_step:  # the kNN monitor / validation after the last step
+            os.kill(os.getpid(), signal.SIGINT)
+        return end_of_epoch(self, run, rate)
+
+    engine.Trainer._end_of_epoch = end_then_signal  # this forked process only
+    engine.Trainer.finish = lambda self, run: finished.append(run.progress.step) or {}
+    cfg = load_config(None, [*SMALL_RUN, f"output_dir={output_dir}", "epochs=2"])
+    try:
+        engine.run(cfg, DistContext(rank, rank, world_size, torch.device("cpu"), "gloo"))
+    except SystemExit as stop:
+        return {"code": stop.code, "finished": finished}
+    return {"code": None, "finished": finished}
+
+
+def test_a_ctrl_c_after_the_last_step_skips_the_final_evaluation(tmp_path, distributed_run):
+    """The last step's check has passed: the stop is taken before the final probe, not ignored."""
+    outcome = distributed_run(_ctrl_c_in_the_last_epochs_end, 1, str(tmp_path))[0]
+    assert outcome == {"code": 130, "finished": []}
+    state = checkpoint.load(checkpoint.list_checkpoints(tmp_path)[-1])
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 0)  # the run's last step, checkpointed
+
+
 def test_the_epoch_line_states_the_time_left_with_its_rate():
     # 4 steps in 2 s: 2 steps/s, 512 images/s at a global batch of 256; 10 steps left: 5 s
     assert engine._Rate(4, 2.0, 10, 256).eta() == "0 min 05 s of training left (2.00 steps/s, 512 img/s)"

@@ -3,16 +3,16 @@ same exit code, a second Ctrl-C after the pause stops at once, and uninstall giv
 handlers back."""
 import os
 import signal
-import time
 
 import pytest
 
+from trainer import preemption
 from trainer.preemption import CTRL_C_NOTICE, INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, PreemptionWatch
 
 
 def _send_to_self(sig: signal.Signals, expected_handler) -> None:
-    """Sends `sig` to this process once the watch's handler is in place (the default action would end the
-    process, taking the test runner with it)."""
+    """Sends `sig` to this process once `expected_handler` (the watch's _handle, or the test's own) is in place: the
+    default action would end the process, and a SIGINT nobody caught would stop the whole test session."""
     if signal.getsignal(sig) != expected_handler:
         raise AssertionError(f"{sig.name}: the watch's handler is not installed")
     os.kill(os.getpid(), sig)  # delivered before kill returns; Python runs the handler at the next bytecode
@@ -26,7 +26,7 @@ def test_a_real_signal_sets_the_decision(sig):
     try:
         assert signal.getsignal(sig) != previous
         assert not watch.should_stop() and watch.signal_name == ""
-        _send_to_self(sig, signal.getsignal(sig))
+        _send_to_self(sig, watch._handle)
         assert watch.should_stop() and watch.signal_name == sig.name
         assert watch.should_stop()  # the decision stays: the loop checks again after the checkpoint
     finally:
@@ -60,25 +60,46 @@ def test_uninstall_restores_the_previous_handlers():
 def test_the_signal_decides_the_exit_code(sig, code):
     watch = PreemptionWatch(world_size=1).install()
     try:
-        _send_to_self(sig, signal.getsignal(sig))
+        _send_to_self(sig, watch._handle)
         assert watch.should_stop() and watch.exit_code == code
     finally:
         watch.uninstall()
 
 
-def test_a_second_ctrl_c_after_the_pause_stops_at_once(capfd):
-    """The first Ctrl-C asks for a checkpoint (and says so once); another within the pause is the same request
-    (torchrun forwards the terminal's Ctrl-C to workers that already got it); one after the pause interrupts."""
-    watch = PreemptionWatch(world_size=1, announce=True, abort_after_s=0.3).install()
+@pytest.fixture
+def clock(monkeypatch):
+    """The watch's clock, moved by hand (a loaded machine cannot stretch the pause between two sends)."""
+    now = [1000.0]
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: now[0])
+    return now
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_another_stop_signal_after_the_pause_stops_at_once(capfd, clock, second):
+    """The first Ctrl-C asks for a checkpoint (and says so once); another stop signal within the pause is the same
+    request (a key pressed twice); after it, one interrupts: a second Ctrl-C of a direct run, or the SIGTERM that
+    torchrun sends its workers on a second Ctrl-C."""
+    watch = PreemptionWatch(world_size=1, announce=True, abort_after_s=2.0).install()
     try:
-        handler = signal.getsignal(signal.SIGINT)
-        _send_to_self(signal.SIGINT, handler)
-        _send_to_self(signal.SIGINT, handler)  # at once: absorbed
+        _send_to_self(signal.SIGINT, watch._handle)
+        clock[0] += 1.9
+        _send_to_self(second, watch._handle)  # within the pause: absorbed
         assert watch.should_stop() and watch.exit_code == INTERRUPTED_EXIT_CODE
-        assert capfd.readouterr().err == CTRL_C_NOTICE.format(0.3)
-        time.sleep(0.35)
+        assert capfd.readouterr().err == CTRL_C_NOTICE.format(2.0)
+        clock[0] += 0.1
         with pytest.raises(KeyboardInterrupt):
-            _send_to_self(signal.SIGINT, handler)
+            _send_to_self(second, watch._handle)
+    finally:
+        watch.uninstall()
+
+
+def test_a_preemption_then_ctrl_c_is_the_users_stop(clock):
+    watch = PreemptionWatch(world_size=1).install()
+    try:
+        _send_to_self(signal.SIGTERM, watch._handle)
+        clock[0] += 10
+        _send_to_self(signal.SIGINT, watch._handle)  # the first Ctrl-C: a request, never an abort
+        assert watch.should_stop() and watch.exit_code == INTERRUPTED_EXIT_CODE
     finally:
         watch.uninstall()
 
@@ -86,7 +107,7 @@ def test_a_second_ctrl_c_after_the_pause_stops_at_once(capfd):
 def test_only_the_announcing_rank_prints_the_notice(capfd):
     watch = PreemptionWatch(world_size=1).install()
     try:
-        _send_to_self(signal.SIGINT, signal.getsignal(signal.SIGINT))
+        _send_to_self(signal.SIGINT, watch._handle)
         assert watch.should_stop() and capfd.readouterr().err == ""
     finally:
         watch.uninstall()
@@ -98,8 +119,7 @@ def _decisions(rank, world_size, signals):
     try:
         before = watch.should_stop()
         if signals[rank] is not None:
-            sig = signal.Signals[signals[rank]]
-            _send_to_self(sig, signal.getsignal(sig))
+            _send_to_self(signal.Signals[signals[rank]], watch._handle)
         after = watch.should_stop()  # collective: the signalled rank's flag reaches the other one here
         return before, after, watch.signal_name, watch.exit_code
     finally:
@@ -118,8 +138,8 @@ def test_one_ranks_signal_stops_every_rank(distributed_run, signalled_rank):
 
 
 def test_a_ctrl_c_on_one_rank_is_every_ranks_stop(distributed_run):
-    """A Ctrl-C reaches one node's ranks; a preemption another's: every rank exits 130, none asks for a restart
-    (a node restarting alone would wait in the rendezvous for the stopped one)."""
+    """A Ctrl-C reaches one node's ranks, a preemption another's: every rank exits 130, the user's stop (torchrun
+    itself restarts failed workers whatever their code: launch/README.md says what that means on several nodes)."""
     results = distributed_run(_decisions, 2, ["SIGINT", "SIGTERM"])
     assert [r[1:] for r in results] == [(True, "SIGINT", 130), (True, "SIGTERM", 130)]
     results = distributed_run(_decisions, 2, [None, "SIGINT"])
