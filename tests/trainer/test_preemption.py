@@ -1,6 +1,7 @@
 """Stop signals: a real SIGTERM / SIGUSR1 / SIGINT sets the decision, one rank's signal stops every rank with the
 same exit code, a second Ctrl-C after the pause stops at once, and uninstall gives the process its previous
 handlers back."""
+import contextlib
 import os
 import signal
 
@@ -16,6 +17,16 @@ def _send_to_self(sig: signal.Signals, expected_handler) -> None:
     if signal.getsignal(sig) != expected_handler:
         raise AssertionError(f"{sig.name}: the watch's handler is not installed")
     os.kill(os.getpid(), sig)  # delivered before kill returns; Python runs the handler at the next bytecode
+
+
+@contextlib.contextmanager
+def installed(world_size: int = 1, **options):
+    """A watch with its handlers in place for the block, and the previous ones back after it."""
+    watch = PreemptionWatch(world_size, **options).install()
+    try:
+        yield watch
+    finally:
+        watch.uninstall()
 
 
 @pytest.mark.parametrize("sig", PreemptionWatch.SIGNALS, ids=lambda s: s.name)
@@ -58,12 +69,9 @@ def test_uninstall_restores_the_previous_handlers():
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, PREEMPTED_EXIT_CODE), (signal.SIGUSR1, PREEMPTED_EXIT_CODE),
                                        (signal.SIGINT, INTERRUPTED_EXIT_CODE)], ids=lambda v: str(v))
 def test_the_signal_decides_the_exit_code(sig, code):
-    watch = PreemptionWatch(world_size=1).install()
-    try:
+    with installed() as watch:
         _send_to_self(sig, watch._handle)
         assert watch.should_stop() and watch.exit_code == code
-    finally:
-        watch.uninstall()
 
 
 @pytest.fixture
@@ -79,8 +87,7 @@ def test_another_stop_signal_after_the_pause_stops_at_once(capfd, clock, second)
     """The first Ctrl-C asks for a checkpoint (and says so once); another stop signal within the pause is the same
     request (a key pressed twice); after it, one interrupts: a second Ctrl-C of a direct run, or the SIGTERM that
     torchrun sends its workers on a second Ctrl-C."""
-    watch = PreemptionWatch(world_size=1, announce=True, abort_after_s=2.0).install()
-    try:
+    with installed(announce=True, abort_after_s=2.0) as watch:
         _send_to_self(signal.SIGINT, watch._handle)
         clock[0] += 1.9
         _send_to_self(second, watch._handle)  # within the pause: absorbed
@@ -89,41 +96,30 @@ def test_another_stop_signal_after_the_pause_stops_at_once(capfd, clock, second)
         clock[0] += 0.1
         with pytest.raises(KeyboardInterrupt):
             _send_to_self(second, watch._handle)
-    finally:
-        watch.uninstall()
 
 
 def test_a_preemption_then_ctrl_c_is_the_users_stop(clock):
-    watch = PreemptionWatch(world_size=1).install()
-    try:
+    with installed() as watch:
         _send_to_self(signal.SIGTERM, watch._handle)
         clock[0] += 10
         _send_to_self(signal.SIGINT, watch._handle)  # the first Ctrl-C: a request, never an abort
         assert watch.should_stop() and watch.exit_code == INTERRUPTED_EXIT_CODE
-    finally:
-        watch.uninstall()
 
 
 def test_only_the_announcing_rank_prints_the_notice(capfd):
-    watch = PreemptionWatch(world_size=1).install()
-    try:
+    with installed() as watch:
         _send_to_self(signal.SIGINT, watch._handle)
         assert watch.should_stop() and capfd.readouterr().err == ""
-    finally:
-        watch.uninstall()
 
 
 def _decisions(rank, world_size, signals):
     """Two rounds of the per-step check on every rank; between them rank r gets signals[r] (None: nothing)."""
-    watch = PreemptionWatch(world_size).install()
-    try:
+    with installed(world_size) as watch:
         before = watch.should_stop()
         if signals[rank] is not None:
             _send_to_self(signal.Signals[signals[rank]], watch._handle)
         after = watch.should_stop()  # collective: the signalled rank's flag reaches the other one here
         return before, after, watch.signal_name, watch.exit_code
-    finally:
-        watch.uninstall()
 
 
 @pytest.mark.parametrize("signalled_rank", [0, 1])
