@@ -70,7 +70,7 @@ class PreemptionWatch:
                 raise KeyboardInterrupt
             return
         if signum != signal.SIGINT:
-            self.requested = max(self.requested, PREEMPTED)
+            self.requested = PREEMPTED  # a Ctrl-C before it returned above
             return
         self._interrupted_at, self.requested = now, INTERRUPTED
         if self.announce:  # os.write: a print here could re-enter a print the signal interrupted
