@@ -1,10 +1,14 @@
 """The torchrun the launchers run (`python -m trainer.distributed --rejoin-timeout=S TORCHRUN_ARGS...`): torchrun
-whose rendezvous, after a failure, waits a bounded time for the nodes of the round that ended and names a lost one."""
+whose rendezvous, after a failure, waits a bounded time for the nodes of the round that ended and names a lost one;
+that does not restart workers a Ctrl-C stopped; and that ends on a stop signal with one line, not a traceback."""
 from __future__ import annotations
 
 import datetime
+import signal
 import socket
 import sys
+
+from trainer.preemption import INTERRUPTED_EXIT_CODE, PreemptionWatch
 
 
 def bound_rejoin(rejoin_timeout_s: float) -> None:
@@ -46,8 +50,39 @@ def bound_rejoin(rejoin_timeout_s: float) -> None:
     rdzv.DynamicRendezvousHandler.next_rendezvous = next_rendezvous
 
 
+def interrupted(failures: dict) -> bool:
+    """Whether every failed worker of a round (torchrun's {rank: ProcessFailure}) exited as a Ctrl-C ends one: after
+    its step, with the checkpoint written (trainer.preemption; every rank decides the same)."""
+    return bool(failures) and all(f.exitcode == INTERRUPTED_EXIT_CODE for f in failures.values())
+
+
+def no_restart_after_ctrl_c() -> None:
+    """Makes torchrun end, not restart its workers (--max-restarts), when they all stopped for a Ctrl-C.
+
+    A Ctrl-C on one node reaches that node's torchrun only; through the workers' shared stop decision every rank on
+    every node ends with INTERRUPTED_EXIT_CODE. The other nodes' torchrun took that for a crash: they restarted
+    their workers and waited for the stopped node until NODE_LOST_TIMEOUT_S, then ended with "node lost"."""
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    original = getattr(LocalElasticAgent._monitor_workers, "unpatched", LocalElasticAgent._monitor_workers)
+
+    def _monitor_workers(self, worker_group):
+        result = original(self, worker_group)
+        if result.state == WorkerState.FAILED and interrupted(result.failures):
+            self._remaining_restarts = 0  # torchrun then stops the group and raises ChildFailedError
+        return result
+
+    _monitor_workers.unpatched = original
+    LocalElasticAgent._monitor_workers = _monitor_workers
+
+
 def run_agent(argv: list[str]) -> int:
-    """`python -m trainer.distributed [--rejoin-timeout S] TORCHRUN_ARGS...`: torchrun with bound_rejoin(S)."""
+    """`python -m trainer.distributed [--rejoin-timeout S] TORCHRUN_ARGS...`: torchrun with bound_rejoin(S) and
+    no_restart_after_ctrl_c(). Exit code: torchrun's; 130 when the workers stopped for a Ctrl-C (on any node); 128 +
+    the signal's number when a stop signal reached this torchrun (it forwarded it to its workers first)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import main as torchrun_main
 
@@ -57,11 +92,27 @@ def run_agent(argv: list[str]) -> int:
         argv = argv[1:] if "=" in argv[0] else argv[2:]
         rejoin_s = float(value)
     bound_rejoin(rejoin_s)
+    no_restart_after_ctrl_c()
+    host = socket.gethostname()
     try:
         torchrun_main(argv)
+    except ChildFailedError as err:
+        if not interrupted(err.failures):
+            raise
+        print(f"[{host}] interrupted (Ctrl-C) on this or another node: every worker stopped after its step with a "
+              f"checkpoint (exit {INTERRUPTED_EXIT_CODE}); not restarting them. Rerun the same command on every node "
+              f"to resume", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
+    except SignalException as err:
+        what = "interrupted (Ctrl-C)" if err.sigval == signal.SIGINT else f"{signal.Signals(err.sigval).name} received"
+        how = ("they stop after their step with a checkpoint (within --shutdown-timeout)"
+               if err.sigval in PreemptionWatch.SIGNALS else "they ended without a checkpoint")
+        print(f"[{host}] {what}: forwarded to the workers, {how}; rerun the same command on every node to resume",
+              file=sys.stderr, flush=True)
+        return 128 + int(err.sigval)
     except RendezvousTimeoutError as err:
         if not str(err).startswith("node lost"):
             raise
-        print(f"[{socket.gethostname()}] {err}", file=sys.stderr, flush=True)
+        print(f"[{host}] {err}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -223,7 +223,7 @@ class Trainer:
         eval.final_probe, the linear probe and kNN of the learned backbone next to its random initialization."""
         cfg, ctx, step = self.cfg, self.ctx, run.progress.step
         checksum = float(sum(p.detach().double().sum() for p in run.model.parameters()))  # host sync: once
-        print(f"[rank {ctx.rank}] step {step}: parameter checksum {checksum:.12e}", flush=True)
+        print(f"[rank {ctx.rank}] step {step}: parameter checksum {checksum:.12e}\n", end="", flush=True)  # one write
         results = {"step": step, "checksum": checksum}
         if cfg.eval.final_probe and run.data.labeled is not None:
             from trainer.evaluation.monitor import probe_rows

@@ -20,7 +20,8 @@ import torch.distributed as dist
 # 128 + SIGTERM: torchrun restarts a worker group that exits non-zero (under --max-restarts); launch/slurm.sbatch
 # requeues the job when it had been sent USR1.
 PREEMPTED_EXIT_CODE = 143
-# 128 + SIGINT: the user stopped the run; rerunning the same command resumes from the checkpoint.
+# 128 + SIGINT: the user stopped the run; rerunning the same command resumes from the checkpoint. The launchers'
+# torchrun (trainer/agent.py) does not restart workers that exit with it.
 INTERRUPTED_EXIT_CODE = 130
 NONE, PREEMPTED, INTERRUPTED = 0, 1, 2  # the decision; the largest any rank saw wins
 CTRL_C_NOTICE = ("\nCtrl-C: the run stops after this step and writes a checkpoint (rerun the same command to "

@@ -26,7 +26,7 @@ STEPS = 16  # 64 of the 96 synthetic images train (the rest are held out): 4 ste
 BASE_ENV = {k: v for k, v in os.environ.items()
             if not k.startswith(("MASTER_", "GLOO_", "NCCL_", "TORCHELASTIC_", "NNODES", "NODE_RANK", "SLURM_"))}
 BASE_ENV.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NPROC="1")
-CHECKSUM = re.compile(r"\[rank (\d+)\] step (\d+): parameter checksum (\S+)")
+CHECKSUM = re.compile(r"\[rank (\d+)\] step (\d+): parameter checksum ([-+.0-9e]+)")  # two ranks may share a line
 
 
 def unavailable() -> str | None:

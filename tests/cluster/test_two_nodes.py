@@ -1,5 +1,6 @@
 """launch/multi_node.sh unchanged on two nodes in network namespaces: a clean run, a killed worker, a killed agent,
-a link outage, and Debian's hosts file; each run ends with the same parameters as one machine running both ranks."""
+a Ctrl-C on one node, a link outage, and Debian's hosts file; each run ends with the same parameters as one machine
+running both ranks."""
 from __future__ import annotations
 
 import os
@@ -108,6 +109,43 @@ def test_killed_agent_ends_the_job_naming_the_node(pair, tmp_path):
     # 15 s for the lost node, 15 s until the rendezvous declares its heartbeat dead, start-up of the workers
     assert took < 75, f"{took:.0f} s\n{text[-3000:]}"
     assert "node lost: simclr-node-b" in text and "did not rejoin within 15 s" in text, text[-3000:]
+
+
+@pytest.mark.parametrize("pressed", [1, 0], ids=["node B", "node A (rendezvous host)"])
+def test_ctrl_c_on_one_node_stops_every_node_and_resumes(pair, tmp_path, one_machine, pressed):
+    """Bug: a Ctrl-C on node B stopped every rank after a checkpoint (exit 130), but node A's torchrun restarted its
+    worker as after a crash and the job ended NODE_LOST_TIMEOUT_S later with 'node lost: simclr-node-b', and node B's
+    torchrun with a SignalException traceback, both with exit 1. Now no node restarts after a Ctrl-C: each ends at
+    once with 130 and one line, and the rerun ends where an uninterrupted run does."""
+    out = tmp_path / "out"
+    env = node_env(MAX_RESTARTS="2", NODE_LOST_TIMEOUT_S="40")
+    procs = start(pair, tmp_path, [*RUN, f"output_dir={out}"], [env, env])
+    try:
+        wait_for(lambda: any(s >= 4 for s in checkpoint_steps(out)), 240, "a checkpoint at step 4", procs)
+        os.killpg(procs[pressed].pid, signal.SIGINT)  # as a terminal does: to torchrun (workers have sessions)
+        sent = time.monotonic()
+    except BaseException:
+        for proc in procs:
+            stop_group(proc)
+        raise
+    codes = finish(procs, 120)
+    took = time.monotonic() - sent
+    text = logs(pair, tmp_path)
+    assert codes == [130, 130], "\n".join(t[-3000:] for t in text)
+    assert took < 30, f"{took:.0f} s"  # well under NODE_LOST_TIMEOUT_S: nobody waited for the stopped node
+    step = checkpoint_steps(out)[-1]
+    assert 4 <= step < STEPS
+    assert f"checkpoint at step {step} written; exiting with code 130" in text[0], text[0][-3000:]
+    for log in text:
+        assert "node lost" not in log and "Traceback" not in log, log[-3000:]
+        assert "interrupted (Ctrl-C)" in log, log[-3000:]
+
+    procs = start(pair, tmp_path, [*RUN, f"output_dir={out}"], [node_env(), node_env()])
+    codes = finish(procs, 300)
+    text = logs(pair, tmp_path)
+    assert codes == [0, 0], "\n".join(t[-3000:] for t in text)
+    assert f"at step {step} " in text[0]
+    assert {**checksums(text[0]), **checksums(text[1])} == {0: (STEPS, one_machine), 1: (STEPS, one_machine)}
 
 
 def link_outage(pair, procs, out, after_step: int, seconds: float) -> None:

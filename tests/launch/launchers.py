@@ -27,7 +27,8 @@ def make_fakes(tmp_path: Path) -> tuple[dict, Path, Path]:
     add("docker")
     add("nvidia-smi", 'echo "GPU 0: Fake (UUID: GPU-0)"; echo "GPU 1: Fake (UUID: GPU-1)"\n')
     add("scontrol", '[ "$1 $2" = "show hostnames" ] && printf "node01\\nnode02\\n"\nexit 0\n')
-    # srun: FAKE_SRUN=wait waits for USR1 and then exits 1, as torchrun does after forwarding a signal.
+    # srun: FAKE_SRUN=wait waits for USR1 and then exits 1, as plain torchrun does after forwarding a signal (the
+    # agent: 128 + its number; the script only looks at USR1).
     add("srun", 'if [ "${FAKE_SRUN:-0}" = wait ]; then\n'
                 '  trap \'echo "srun got USR1" >> "$FAKE_LOG"; exit 1\' USR1\n'
                 '  for _ in $(seq 200); do sleep 0.1; done; exit 9\n'

@@ -84,3 +84,85 @@ def test_distributed_module_runs_the_agent():
                           cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--nproc-per-node" in proc.stdout and "--rdzv-backend" in proc.stdout
+
+
+# --- a Ctrl-C is not a crash -------------------------------------------------------------------------------------
+
+def _failure(exitcode: int):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    return ProcessFailure(local_rank=0, pid=123, exitcode=exitcode, error_file="")
+
+
+def test_interrupted_needs_every_failed_worker_to_have_stopped_for_a_ctrl_c():
+    assert agent.interrupted({0: _failure(130), 1: _failure(130)})
+    assert not agent.interrupted({0: _failure(130), 1: _failure(1)})  # another worker crashed: a restart helps
+    assert not agent.interrupted({0: _failure(143)})  # preemption: launchers restart or requeue
+    assert not agent.interrupted({})
+
+
+@pytest.mark.parametrize("codes, restarts_left", [((130, 130), 0), ((130, 1), 2), ((143,), 2)])
+def test_monitor_ends_the_restarts_only_after_a_ctrl_c(monkeypatch, codes, restarts_left):
+    from torch.distributed.elastic.agent.server.api import RunResult, WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    result = RunResult(state=WorkerState.FAILED, failures={r: _failure(c) for r, c in enumerate(codes)})
+    monkeypatch.setattr(LocalElasticAgent, "_monitor_workers", lambda self, group: result)  # undone after the test
+    agent.no_restart_after_ctrl_c()
+    agent.no_restart_after_ctrl_c()  # twice (a second run_agent in one process) wraps torchrun's method once
+    me = SimpleNamespace(_remaining_restarts=2)
+    assert LocalElasticAgent._monitor_workers(me, None) is result
+    assert me._remaining_restarts == restarts_left
+
+
+def test_agent_ends_with_130_after_a_ctrl_c_and_128_plus_a_signal(monkeypatch, capsys):
+    import signal
+    import socket
+
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    monkeypatch.setattr(agent, "bound_rejoin", lambda s: None)
+    monkeypatch.setattr(agent, "no_restart_after_ctrl_c", lambda: None)
+    host = socket.gethostname()
+
+    def raises(err):
+        def main(args):
+            raise err
+        return main
+
+    monkeypatch.setattr(torchrun, "main", raises(ChildFailedError("trainer.main", {0: _failure(130)})))
+    assert agent.run_agent(["-m", "x"]) == 130
+    assert capsys.readouterr().err.startswith(f"[{host}] interrupted (Ctrl-C) on this or another node: every worker "
+                                              "stopped after its step with a checkpoint (exit 130); not restarting")
+    monkeypatch.setattr(torchrun, "main", raises(ChildFailedError("trainer.main", {0: _failure(1)})))
+    with pytest.raises(ChildFailedError):  # a crash stays torchrun's report
+        agent.run_agent(["-m", "x"])
+    for sig, code, words in [(signal.SIGINT, 130, "interrupted (Ctrl-C): forwarded to the workers, they stop after "
+                                                   "their step with a checkpoint"),
+                             (signal.SIGUSR1, 138, "SIGUSR1 received: forwarded to the workers, they stop after"),
+                             (signal.SIGHUP, 129, "SIGHUP received: forwarded to the workers, they ended without a "
+                                                  "checkpoint")]:
+        monkeypatch.setattr(torchrun, "main", raises(SignalException("got signal", sigval=sig)))
+        assert agent.run_agent(["-m", "x"]) == code
+        assert capsys.readouterr().err.startswith(f"[{host}] {words}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exit_code, runs, agent_code", [(130, 1, 130), (3, 3, 1)])
+def test_torchrun_restarts_a_crash_but_not_a_ctrl_c(tmp_path, exit_code, runs, agent_code):
+    """The launchers' agent, for real: a worker that exits 130 (a Ctrl-C) runs once and the agent ends with 130; one
+    that crashes is restarted --max-restarts times, as before."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "runs.txt"
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"import sys\nopen({str(log)!r}, 'a').write('run\\n')\nsys.exit({exit_code})\n")
+    proc = subprocess.run([sys.executable, "-m", "trainer.distributed", "--rejoin-timeout=5", "--standalone",
+                           "--nproc_per_node=1", "--max-restarts=2", "--monitor-interval=0.1", str(worker)],
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == agent_code, proc.stderr[-3000:]
+    assert log.read_text().count("run") == runs
+    assert ("interrupted (Ctrl-C)" in proc.stderr) == (exit_code == 130)
