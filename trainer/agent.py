@@ -6,8 +6,8 @@ from __future__ import annotations
 import datetime
 import signal
 import socket
-import sys
 
+from trainer.metrics import write_console
 from trainer.preemption import INTERRUPTED_EXIT_CODE, PreemptionWatch
 
 
@@ -99,20 +99,21 @@ def run_agent(argv: list[str]) -> int:
     except ChildFailedError as err:
         if not interrupted(err.failures):
             raise
-        print(f"[{host}] interrupted (Ctrl-C) on this or another node: every worker stopped after its step with a "
-              f"checkpoint (exit {INTERRUPTED_EXIT_CODE}); not restarting them. Rerun the same command on every node "
-              f"to resume", file=sys.stderr, flush=True)
+        write_console(f"[{host}] interrupted (Ctrl-C or a closed terminal) on this or another node: every worker "
+                      f"stopped after its step with a checkpoint (exit {INTERRUPTED_EXIT_CODE}); not restarting them. "
+                      f"Rerun the same command on every node to resume", stderr=True)
         return INTERRUPTED_EXIT_CODE
     except SignalException as err:
-        what = "interrupted (Ctrl-C)" if err.sigval == signal.SIGINT else f"{signal.Signals(err.sigval).name} received"
+        what = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGHUP: "interrupted (the terminal closed: SIGHUP)"
+                }.get(err.sigval, f"{signal.Signals(err.sigval).name} received")
         how = ("they stop after their step with a checkpoint (within --shutdown-timeout)"
                if err.sigval in PreemptionWatch.SIGNALS else "they ended without a checkpoint")
-        print(f"[{host}] {what}: forwarded to the workers, {how}; rerun the same command on every node to resume",
-              file=sys.stderr, flush=True)
+        write_console(f"[{host}] {what}: forwarded to the workers, {how}; rerun the same command on every node to "
+                      f"resume", stderr=True)
         return 128 + int(err.sigval)
     except RendezvousTimeoutError as err:
         if not str(err).startswith("node lost"):
             raise
-        print(f"[{host}] {err}", file=sys.stderr, flush=True)
+        write_console(f"[{host}] {err}", stderr=True)
         return 1
     return 0

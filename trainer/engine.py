@@ -21,7 +21,7 @@ from trainer.config_load import save_config
 from trainer.distributed import DistContext
 from trainer.inputs import build_pretrain_data
 from trainer.loss import NTXentLoss
-from trainer.metrics import RunLogger, StepMeter
+from trainer.metrics import RunLogger, StepMeter, write_console
 from trainer.model import build_network, random_init_backbone
 from trainer.optim import build_optimizer, set_lr
 from trainer.preemption import PREEMPTED_EXIT_CODE, PreemptionWatch
@@ -176,7 +176,7 @@ class Trainer:
         """After the checkpoint of the current step: every rank exits with the code the stop signal decided."""
         code = preemption.exit_code
         then = ("so the launcher restarts" if code == PREEMPTED_EXIT_CODE else
-                "(stopped by Ctrl-C): rerun the same command to resume")
+                "(stopped by the user: Ctrl-C or a closed terminal): rerun the same command to resume")
         self.log.info(f"{preemption.signal_name or 'stop signal'} received: checkpoint at step {run.progress.step} "
                       f"written; exiting with code {code} {then}")
         torch.distributed.barrier()
@@ -223,7 +223,7 @@ class Trainer:
         eval.final_probe, the linear probe and kNN of the learned backbone next to its random initialization."""
         cfg, ctx, step = self.cfg, self.ctx, run.progress.step
         checksum = float(sum(p.detach().double().sum() for p in run.model.parameters()))  # host sync: once
-        print(f"[rank {ctx.rank}] step {step}: parameter checksum {checksum:.12e}\n", end="", flush=True)  # one write
+        write_console(f"[rank {ctx.rank}] step {step}: parameter checksum {checksum:.12e}")
         results = {"step": step, "checksum": checksum}
         if cfg.eval.final_probe and run.data.labeled is not None:
             from trainer.evaluation.monitor import probe_rows

@@ -1,12 +1,29 @@
 """Run logging on rank 0: one console line and one JSONL record per interval, TensorBoard scalars; timers."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+
+
+def write_console(text: str, *, stderr: bool = False) -> None:
+    """Prints one line to stdout (stderr=True: to stderr), flushed. When the terminal is gone (it hung up: EIO; a pipe
+    whose reader ended: EPIPE) the line is dropped and that descriptor is pointed at /dev/null for the rest of the
+    process, so the run goes on to its checkpoint instead of dying of a print (metrics.jsonl and TensorBoard keep
+    the record)."""
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        print(text + "\n", end="", file=stream, flush=True)  # one write: lines of processes sharing a tty stay whole
+    except OSError:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: no descriptor (a test's StringIO)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
+            stream.flush()  # what the failed write left in the buffer goes to /dev/null too, not to a failing exit
 
 
 class RunLogger:
@@ -49,11 +66,11 @@ class RunLogger:
 
     def info(self, message: str) -> None:
         if self.enabled:
-            print(message, flush=True)
+            write_console(message)
 
     def warn(self, message: str) -> None:
         if self.enabled:
-            print(f"WARNING: {message}", file=sys.stderr, flush=True)
+            write_console(f"WARNING: {message}", stderr=True)
 
     def log(self, step: int, scalars: dict, kind: str = "train", console: str | None = None) -> None:
         """One record: JSONL line, TensorBoard scalars under `kind/`, and a console line."""
@@ -69,7 +86,7 @@ class RunLogger:
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
         if console is not None:
-            print(console, flush=True)
+            write_console(console)
 
     def flush(self) -> None:
         if self.writer is not None:

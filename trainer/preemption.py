@@ -1,11 +1,13 @@
 """Stop signals: every rank agrees to stop after the same step, so rank 0 can checkpoint and every rank exit.
 
 SIGTERM / SIGUSR1 (a scheduler's preemption, `scancel --signal=USR1`): checkpoint, exit PREEMPTED_EXIT_CODE.
-SIGINT (Ctrl-C): the same checkpoint, then exit INTERRUPTED_EXIT_CODE. After a Ctrl-C, another stop signal at
-least `abort_after_s` later stops at once (KeyboardInterrupt), losing the steps since the last checkpoint: a second
+SIGINT (Ctrl-C) and SIGHUP (the terminal closed: an SSH session that dropped): the same checkpoint, then exit
+INTERRUPTED_EXIT_CODE, the user's stop that nothing restarts. After one of them, another stop signal at least
+`abort_after_s` later stops at once (KeyboardInterrupt), losing the steps since the last checkpoint: a second
 Ctrl-C of a direct run, or the SIGTERM torchrun sends its workers on a second Ctrl-C (torchrun starts each worker
 in a session of its own, so the terminal's Ctrl-C reaches torchrun, which forwards it). One sooner is the same
-request (a key pressed twice).
+request (a key pressed twice). Console lines written after the terminal closed are dropped
+(trainer.metrics.write_console).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch.distributed as dist
 # 128 + SIGTERM: torchrun restarts a worker group that exits non-zero (under --max-restarts); launch/slurm.sbatch
 # requeues the job when it had been sent USR1.
 PREEMPTED_EXIT_CODE = 143
-# 128 + SIGINT: the user stopped the run; rerunning the same command resumes from the checkpoint. The launchers'
+# 128 + SIGINT: the user stopped the run (Ctrl-C, a closed terminal); rerunning the same command resumes. The launchers'
 # torchrun (trainer/agent.py) does not restart workers that exit with it.
 INTERRUPTED_EXIT_CODE = 130
 NONE, PREEMPTED, INTERRUPTED = 0, 1, 2  # the decision; the largest any rank saw wins
@@ -36,7 +38,8 @@ class PreemptionWatch:
     process of each node: the one whose terminal was pressed may be any).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+    USER_SIGNALS = (signal.SIGINT, signal.SIGHUP)  # the user's stop (INTERRUPTED); the others: a scheduler's
 
     def __init__(self, world_size: int, announce: bool = False, abort_after_s: float = 2.0):
         self.requested = NONE
@@ -70,11 +73,12 @@ class PreemptionWatch:
             if now - self._interrupted_at >= self.abort_after_s:
                 raise KeyboardInterrupt
             return
-        if signum != signal.SIGINT:
+        if signum not in self.USER_SIGNALS:
             self.requested = PREEMPTED  # a Ctrl-C before it returned above
             return
         self._interrupted_at, self.requested = now, INTERRUPTED
-        if self.announce:  # os.write: a print here could re-enter a print the signal interrupted
+        if self.announce and signum == signal.SIGINT:  # (after a SIGHUP nobody reads the terminal)
+            # os.write: a print here could re-enter a print the signal interrupted
             with contextlib.suppress(OSError):  # e.g. stderr piped into a `tee` the same Ctrl-C ended
                 os.write(2, CTRL_C_NOTICE.format(self.abort_after_s).encode())
 

@@ -138,7 +138,7 @@ def test_ctrl_c_on_one_node_stops_every_node_and_resumes(pair, tmp_path, one_mac
     assert f"checkpoint at step {step} written; exiting with code 130" in text[0], text[0][-3000:]
     for log in text:
         assert "node lost" not in log and "Traceback" not in log, log[-3000:]
-        assert "interrupted (Ctrl-C)" in log, log[-3000:]
+        assert "interrupted (Ctrl-C" in log, log[-3000:]
 
     procs = start(pair, tmp_path, [*RUN, f"output_dir={out}"], [node_env(), node_env()])
     codes = finish(procs, 300)

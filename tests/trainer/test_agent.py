@@ -134,16 +134,19 @@ def test_agent_ends_with_130_after_a_ctrl_c_and_128_plus_a_signal(monkeypatch, c
 
     monkeypatch.setattr(torchrun, "main", raises(ChildFailedError("trainer.main", {0: _failure(130)})))
     assert agent.run_agent(["-m", "x"]) == 130
-    assert capsys.readouterr().err.startswith(f"[{host}] interrupted (Ctrl-C) on this or another node: every worker "
-                                              "stopped after its step with a checkpoint (exit 130); not restarting")
+    assert capsys.readouterr().err.startswith(f"[{host}] interrupted (Ctrl-C or a closed terminal) on this or another "
+                                              "node: every worker stopped after its step with a checkpoint (exit 130); "
+                                              "not restarting")
     monkeypatch.setattr(torchrun, "main", raises(ChildFailedError("trainer.main", {0: _failure(1)})))
     with pytest.raises(ChildFailedError):  # a crash stays torchrun's report
         agent.run_agent(["-m", "x"])
     for sig, code, words in [(signal.SIGINT, 130, "interrupted (Ctrl-C): forwarded to the workers, they stop after "
                                                    "their step with a checkpoint"),
+                             (signal.SIGHUP, 129, "interrupted (the terminal closed: SIGHUP): forwarded to the "
+                                                  "workers, they stop after their step with a checkpoint"),
                              (signal.SIGUSR1, 138, "SIGUSR1 received: forwarded to the workers, they stop after"),
-                             (signal.SIGHUP, 129, "SIGHUP received: forwarded to the workers, they ended without a "
-                                                  "checkpoint")]:
+                             (signal.SIGQUIT, 131, "SIGQUIT received: forwarded to the workers, they ended without a "
+                                                   "checkpoint")]:
         monkeypatch.setattr(torchrun, "main", raises(SignalException("got signal", sigval=sig)))
         assert agent.run_agent(["-m", "x"]) == code
         assert capsys.readouterr().err.startswith(f"[{host}] {words}")
@@ -165,4 +168,4 @@ def test_torchrun_restarts_a_crash_but_not_a_ctrl_c(tmp_path, exit_code, runs, a
                           cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
     assert proc.returncode == agent_code, proc.stderr[-3000:]
     assert log.read_text().count("run") == runs
-    assert ("interrupted (Ctrl-C)" in proc.stderr) == (exit_code == 130)
+    assert ("interrupted (Ctrl-C or a closed terminal)" in proc.stderr) == (exit_code == 130)

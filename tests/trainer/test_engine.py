@@ -219,7 +219,7 @@ def _preempted_at_step_3(rank, world_size, output_dir, signal_name="SIGUSR1"):
     return {"code": None}
 
 
-@pytest.mark.parametrize("signal_name, code", [("SIGUSR1", 143), ("SIGINT", 130)])
+@pytest.mark.parametrize("signal_name, code", [("SIGUSR1", 143), ("SIGINT", 130), ("SIGHUP", 130)])
 def test_a_stop_signal_checkpoints_the_step_and_exits(tmp_path, distributed_run, signal_name, code):
     """A preemption exits 143 (torchrun and the scheduler restart it), a Ctrl-C 130 (the user's stop); both after
     the step the signal interrupted, with its checkpoint."""

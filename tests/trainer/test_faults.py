@@ -1,11 +1,15 @@
 """Faults injected into live torchrun jobs (CPU, gloo, loopback): multi-node rendezvous, a killed worker under
---max-restarts, SIGTERM preemption and Ctrl-C, a torn latest checkpoint. Each bounded in time."""
+--max-restarts, SIGTERM preemption, Ctrl-C and a closed terminal, a torn latest checkpoint. Each bounded in time."""
 import contextlib
+import fcntl
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -118,6 +122,58 @@ def test_a_stop_signal_checkpoints_within_grace_and_resumes(tmp_path, uninterrup
     resumed = final_params(tmp_path)
     assert resumed["step"] == uninterrupted["step"]
     for key, value in uninterrupted["model"].items():  # preempted and resumed = never interrupted, bit for bit
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
+
+
+def _in_a_terminal(argv: list[str]) -> tuple[subprocess.Popen, int]:
+    """argv as a shell would run it in a terminal that then closes: the session leader of a new session whose
+    controlling terminal is a pseudo-terminal; its output is drained (and dropped) until the test closes the master."""
+    master, slave = os.openpty()
+
+    def take_the_terminal():  # after setsid (start_new_session): the slave becomes the controlling terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(argv, cwd=REPO, env=ENV, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                            preexec_fn=take_the_terminal)
+    os.close(slave)
+
+    def drain():
+        with contextlib.suppress(OSError):
+            while os.read(master, 65536):
+                pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    return proc, master
+
+
+def test_a_closed_terminal_checkpoints_and_resumes(tmp_path, uninterrupted):
+    """Bug: when the terminal of a run closed (an SSH session that dropped), the kernel's SIGHUP reached torchrun,
+    which forwarded it, and the workers died at once: the steps since the last checkpoint were lost (and a print to
+    the closed terminal, EIO, would have ended them as surely). Now a hang-up is the user's stop, as a Ctrl-C: the
+    workers finish their step, rank 0 checkpoints, both exit 130, and the rerun ends where an uninterrupted run does."""
+    proc, master = _in_a_terminal(torchrun("--standalone", "--nproc_per_node=2", *RUN, f"output_dir={tmp_path}"))
+    metrics = tmp_path / "metrics.jsonl"
+
+    def logged_steps() -> list[int]:
+        return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+    try:  # close it in the step after the first epoch's checkpoint: a run that dies keeps that one only
+        wait_for(lambda: checkpoint.list_checkpoints(tmp_path), 240, proc)
+        first = torch.load(checkpoint.list_checkpoints(tmp_path)[0], weights_only=True)["step"]
+        wait_for(lambda: first + 1 in logged_steps(), 120, proc)
+        os.close(master)  # the terminal goes away: SIGHUP to its session's leader (torchrun), EIO on every write
+        proc.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    step = torch.load(checkpoint.list_checkpoints(tmp_path)[-1], weights_only=True)["step"]
+    assert first < step < uninterrupted["step"], (first, step)
+    assert max(logged_steps()) == step  # a checkpoint of the last step it took
+    again = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", *RUN, f"output_dir={tmp_path}"),
+                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"at step {step} " in again.stdout, again.stderr[-3000:]
+    resumed = final_params(tmp_path)
+    for key, value in uninterrupted["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
 
 

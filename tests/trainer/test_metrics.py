@@ -1,7 +1,10 @@
 """Run logging across a resume (records after the resumed step leave metrics.jsonl and TensorBoard), and the
 interval meter's sums and first non-finite step."""
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -52,3 +55,21 @@ def test_step_meter_sums_an_interval_and_keeps_the_first_non_finite_step():
     for step, loss in [(3, 1.0), (4, float("nan")), (5, float("inf")), (6, 1.0)]:
         meter.add(step, torch.tensor(loss), torch.tensor(1.0))
     assert meter.first_bad_step.item() == 4 and meter.sums[1:].tolist() == [4.0, 2.0]
+
+
+def test_a_console_that_went_away_does_not_end_the_process(tmp_path):
+    """A print to a terminal that hung up (EIO) or into a pipe whose reader ended (EPIPE: `... | tee log` after the tee
+    was stopped) raised OSError and ended the run; now the line is dropped, the descriptor goes to /dev/null, and the
+    process carries on and exits normally (not with Python's 120 for an unflushable stdout)."""
+    go, after = tmp_path / "go", tmp_path / "after"
+    code = (f"import pathlib, time\nfrom trainer.metrics import write_console\n"
+            f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+            f"for i in range(3):\n    write_console(f'step {{i}} ' * 2000)\n    write_console('warning', stderr=True)\n"
+            f"pathlib.Path({str(after)!r}).write_text('carried on')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[2], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the readers are gone before the first line
+    proc.stderr.close()
+    go.touch()
+    assert proc.wait(timeout=60) == 0
+    assert after.read_text() == "carried on"

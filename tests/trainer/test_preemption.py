@@ -67,7 +67,8 @@ def test_uninstall_restores_the_previous_handlers():
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, PREEMPTED_EXIT_CODE), (signal.SIGUSR1, PREEMPTED_EXIT_CODE),
-                                       (signal.SIGINT, INTERRUPTED_EXIT_CODE)], ids=lambda v: str(v))
+                                       (signal.SIGINT, INTERRUPTED_EXIT_CODE), (signal.SIGHUP, INTERRUPTED_EXIT_CODE)],
+                         ids=lambda v: str(v))
 def test_the_signal_decides_the_exit_code(sig, code):
     with installed() as watch:
         _send_to_self(sig, watch._handle)
