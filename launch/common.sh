@@ -16,21 +16,6 @@ gpu_count() {
   fi
 }
 
-# The torchrun to use: $TORCHRUN, else the checkout's .venv (or $VENV_DIR), else torchrun on PATH.
-find_torchrun() {
-  local venv_torchrun="${VENV_DIR:-$repo_dir/.venv}/bin/torchrun"
-  if [ -n "${TORCHRUN:-}" ]; then
-    echo "$TORCHRUN"
-  elif [ -x "$venv_torchrun" ]; then
-    echo "$venv_torchrun"
-  elif command -v torchrun >/dev/null 2>&1; then
-    command -v torchrun
-  else
-    echo "${launcher:-launch}: torchrun not found: run 'bash launch/install.sh' or set TORCHRUN" >&2
-    return 1
-  fi
-}
-
 # How torchrun answers a crash and a stop signal, the same for every launcher, in the array torchrun_signal_flags.
 # $1: restarts of the worker group after a crash (MAX_RESTARTS wins; each restart resumes from the newest
 # checkpoint); $2: seconds the workers get to checkpoint after a stop signal before SIGKILL (SHUTDOWN_TIMEOUT_S

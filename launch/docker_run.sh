@@ -108,7 +108,7 @@ if [ -n "${MASTER_ADDR:-}" ]; then
     rdzv_args+=(--local-addr="$LOCAL_ADDR")
   fi
 else
-  agent=(torchrun)
+  agent=(python -m trainer.distributed)  # torchrun that ends on a Ctrl-C or stop signal with one line
   rdzv_args=(--standalone)
   set_torchrun_signal_flags 0 120  # defaults as single_node.sh: no restart, 120 s to checkpoint
 fi

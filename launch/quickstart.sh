@@ -20,8 +20,8 @@ if [ "$NPROC" -eq 1 ]; then
   .venv/bin/python -m trainer.main --config configs/quickstart.yaml eval.final_probe=false "$@"
 else
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-  .venv/bin/torchrun --standalone --nproc_per_node="$NPROC" -m trainer.main --config configs/quickstart.yaml \
-    eval.final_probe=false "$@"
+  .venv/bin/python -m trainer.distributed --standalone --nproc_per_node="$NPROC" -m trainer.main \
+    --config configs/quickstart.yaml eval.final_probe=false "$@"
 fi
 # the table, with the PCA and raw-pixel baselines (eval.md in the run folder); the run's own final probe, which would
 # compute the same SimCLR and random-init rows, is off above

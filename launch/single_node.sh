@@ -5,8 +5,9 @@
 #
 # Arguments go to `python -m trainer.main` unchanged; relative paths in them (the config, output_dir) are
 # relative to the directory you run this from, as with torchrun itself. Rerunning the same command resumes
-# from the newest checkpoint in output_dir. SIGTERM or SIGUSR1 to this process (it becomes torchrun):
-# every rank finishes its step, rank 0 writes a checkpoint, the workers exit with 143.
+# from the newest checkpoint in output_dir. SIGTERM or SIGUSR1 to this process (it becomes torchrun, through
+# `python -m trainer.distributed`): every rank finishes its step, rank 0 writes a checkpoint, the workers exit with
+# 143; Ctrl-C or a closed terminal: the same, exit 130 (never restarted), one line instead of torchrun's traceback.
 #
 # Environment:
 #   NPROC               processes on this node (default: the GPUs visible here, from CUDA_VISIBLE_DEVICES
@@ -16,8 +17,8 @@
 #                       newest checkpoint (default 0)
 #   SHUTDOWN_TIMEOUT_S  seconds torchrun gives the workers to checkpoint after a stop signal before SIGKILL
 #                       (default 120)
-#   TORCHRUN            the torchrun to run (default: the repo's .venv/bin/torchrun when it exists, else the
-#                       torchrun on PATH)
+#   TORCHRUN            a torchrun to run instead, as it is (default: torchrun through `python -m
+#                       trainer.distributed` with the repo's .venv python, else python3 on PATH; PYTHON to choose)
 set -euo pipefail
 
 repo_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,8 +40,8 @@ else
   cores=$(nproc 2>/dev/null || echo 1)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((cores / nproc_per_node > 0 ? cores / nproc_per_node : 1))}"
 fi
-torchrun_bin=$(find_torchrun)
+agent_command || exit 2
 set_torchrun_signal_flags 0 120  # defaults: no restart, 120 s to checkpoint
 
-exec "$torchrun_bin" "${torchrun_signal_flags[@]}" \
+exec "${agent_cmd[@]}" "${torchrun_signal_flags[@]}" \
   --standalone --nproc_per_node="$nproc_per_node" -m trainer.main "$@"

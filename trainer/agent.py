@@ -101,14 +101,14 @@ def run_agent(argv: list[str]) -> int:
             raise
         write_console(f"[{host}] interrupted (Ctrl-C or a closed terminal) on this or another node: every worker "
                       f"stopped after its step with a checkpoint (exit {INTERRUPTED_EXIT_CODE}); not restarting them. "
-                      f"Rerun the same command on every node to resume", stderr=True)
+                      f"Rerun the same command (on every node) to resume", stderr=True)
         return INTERRUPTED_EXIT_CODE
     except SignalException as err:
         what = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGHUP: "interrupted (the terminal closed: SIGHUP)"
                 }.get(err.sigval, f"{signal.Signals(err.sigval).name} received")
         how = ("they stop after their step with a checkpoint (within --shutdown-timeout)"
                if err.sigval in PreemptionWatch.SIGNALS else "they ended without a checkpoint")
-        write_console(f"[{host}] {what}: forwarded to the workers, {how}; rerun the same command on every node to "
+        write_console(f"[{host}] {what}: forwarded to the workers, {how}; rerun the same command (on every node) to "
                       f"resume", stderr=True)
         return 128 + int(err.sigval)
     except RendezvousTimeoutError as err:

@@ -21,7 +21,7 @@ def test_docker_run_command(fakes, tmp_path):
     # the configs' datasets/<name>/... paths, relative to the container's working directory, reach the host's folder
     assert [w for w in words if w.endswith(":/workspace/datasets:ro")] == [f"{data}:/workspace/datasets:ro"]
     assert "TORCH_HOME" not in words and "--network=host" not in words
-    assert line.endswith("torchrun --standalone --max-restarts=0 "
+    assert line.endswith("python -m trainer.distributed --standalone --max-restarts=0 "
                          "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=120 "
                          "--nproc_per_node=gpu -m trainer.main --config configs/stl10_r18.yaml epochs=1")
     assert out.is_dir()
