@@ -1,11 +1,13 @@
 """The torchrun the launchers run (`python -m trainer.distributed --rejoin-timeout=S TORCHRUN_ARGS...`): torchrun
 whose rendezvous, after a failure, waits a bounded time for the nodes of the round that ended and names a lost one;
-that does not restart workers a Ctrl-C stopped; and that ends on a stop signal with one line, not a traceback."""
+that does not restart workers a Ctrl-C stopped, nor fails while they exit after the store's node ended; and that
+ends on a stop signal with one line, not a traceback."""
 from __future__ import annotations
 
 import datetime
 import signal
 import socket
+import time
 
 from trainer.metrics import write_console
 from trainer.preemption import INTERRUPTED_EXIT_CODE, PreemptionWatch
@@ -50,10 +52,17 @@ def bound_rejoin(rejoin_timeout_s: float) -> None:
     rdzv.DynamicRendezvousHandler.next_rendezvous = next_rendezvous
 
 
+# How a worker that torchrun stopped itself ends: as soon as one worker of a node has exited, torchrun sends the
+# node's others SIGTERM (and SIGKILL 30 s later); their exit code is minus the signal's number.
+_STOPPED_BY_TORCHRUN = {-signal.SIGTERM, -signal.SIGKILL}
+
+
 def interrupted(failures: dict) -> bool:
-    """Whether every failed worker of a round (torchrun's {rank: ProcessFailure}) exited as a Ctrl-C ends one: after
-    its step, with the checkpoint written (trainer.preemption; every rank decides the same)."""
-    return bool(failures) and all(f.exitcode == INTERRUPTED_EXIT_CODE for f in failures.values())
+    """Whether a round's failed workers (torchrun's {rank: ProcessFailure}) ended as a Ctrl-C ends them: after their
+    step, with the checkpoint written (trainer.preemption; every rank decides the same), or stopped by torchrun
+    because a sibling had."""
+    codes = {f.exitcode for f in failures.values()}
+    return INTERRUPTED_EXIT_CODE in codes and codes <= {INTERRUPTED_EXIT_CODE, *_STOPPED_BY_TORCHRUN}
 
 
 def no_restart_after_ctrl_c() -> None:
@@ -77,10 +86,41 @@ def no_restart_after_ctrl_c() -> None:
     LocalElasticAgent._monitor_workers = _monitor_workers
 
 
+def tolerate_a_lost_store(grace_s: float = 15.0) -> None:
+    """Makes torchrun's poll for nodes waiting to join report none for `grace_s` after the rendezvous store stopped
+    answering, before it fails as before.
+
+    While its workers run, torchrun polls the store every --monitor-interval. When the node that hosts the store ends
+    first (a Ctrl-C there stops every node's workers after the same step, and that node's torchrun exits with its
+    own), another node's poll can fail while its workers are still exiting: torchrun then killed them and ended with
+    a RendezvousConnectionError traceback. Within the grace its next look at the workers sees how they ended."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+    original = getattr(rdzv.DynamicRendezvousHandler.num_nodes_waiting, "unpatched",
+                       rdzv.DynamicRendezvousHandler.num_nodes_waiting)
+    lost_since: dict[int, float] = {}  # handler id -> when its store stopped answering
+
+    def num_nodes_waiting(self) -> int:
+        try:
+            waiting = original(self)
+        except RendezvousConnectionError:
+            since = lost_since.setdefault(id(self), time.monotonic())
+            if time.monotonic() - since > grace_s:
+                raise
+            return 0
+        lost_since.pop(id(self), None)
+        return waiting
+
+    num_nodes_waiting.unpatched = original
+    rdzv.DynamicRendezvousHandler.num_nodes_waiting = num_nodes_waiting
+
+
 def run_agent(argv: list[str]) -> int:
-    """`python -m trainer.distributed [--rejoin-timeout S] TORCHRUN_ARGS...`: torchrun with bound_rejoin(S) and
-    no_restart_after_ctrl_c(). Exit code: torchrun's; 130 when the workers stopped for a Ctrl-C (on any node); 128 +
-    the signal's number when a stop signal reached this torchrun (it forwarded it to its workers first)."""
+    """`python -m trainer.distributed [--rejoin-timeout S] TORCHRUN_ARGS...`: torchrun with bound_rejoin(S),
+    no_restart_after_ctrl_c() and tolerate_a_lost_store(). Exit code: torchrun's; 130 when the workers stopped for a
+    Ctrl-C (on any node); 128 + the signal's number when a stop signal reached this torchrun (it forwarded it to its
+    workers first)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
@@ -93,6 +133,7 @@ def run_agent(argv: list[str]) -> int:
         rejoin_s = float(value)
     bound_rejoin(rejoin_s)
     no_restart_after_ctrl_c()
+    tolerate_a_lost_store()
     host = socket.gethostname()
     try:
         torchrun_main(argv)

@@ -135,7 +135,7 @@ class Trainer:
             if preemption.should_stop():  # it came during the last epoch's end (validation, kNN): no final probe
                 self._stop(run, preemption)
         finally:
-            preemption.uninstall()
+            preemption.end_of_run()
         return self.finish(run)
 
     def _step(self, run: RunState, v1: torch.Tensor, v2: torch.Tensor, aug_gen: torch.Generator,

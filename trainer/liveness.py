@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from typing import TYPE_CHECKING
 
 import torch.distributed as dist
+
+from trainer.metrics import write_console
 
 if TYPE_CHECKING:
     from trainer.distributed import WorldInfo
@@ -73,8 +74,7 @@ def watch_parent(parent: int, stop: threading.Event, poll_s: float = HEARTBEAT_S
     def loop() -> None:
         while not stop.wait(poll_s):
             if os.getppid() != parent:
-                print(f"[pid {os.getpid()}] the launcher (pid {parent}) is gone: stopping", file=sys.stderr,
-                      flush=True)
+                write_console(f"[pid {os.getpid()}] the launcher (pid {parent}) is gone: stopping", stderr=True)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -18,11 +19,18 @@ def write_console(text: str, *, stderr: bool = False) -> None:
     stream = sys.stderr if stderr else sys.stdout
     try:
         print(text + "\n", end="", file=stream, flush=True)  # one write: lines of processes sharing a tty stay whole
-    except OSError:
+    except ValueError:  # a closed stream: nothing to write to
+        return
+    except OSError as err:
+        if err.errno not in (errno.EIO, errno.EPIPE):
+            return  # e.g. a full disk under `> log`: this line is lost, the next ones may not be
         with contextlib.suppress(OSError, ValueError):  # ValueError: no descriptor (a test's StringIO)
+            fd = stream.fileno()
             null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, stream.fileno())
-            os.close(null)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
             stream.flush()  # what the failed write left in the buffer goes to /dev/null too, not to a failing exit
 
 

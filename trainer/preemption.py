@@ -1,13 +1,13 @@
 """Stop signals: every rank agrees to stop after the same step, so rank 0 can checkpoint and every rank exit.
 
 SIGTERM / SIGUSR1 (a scheduler's preemption, `scancel --signal=USR1`): checkpoint, exit PREEMPTED_EXIT_CODE.
-SIGINT (Ctrl-C) and SIGHUP (the terminal closed: an SSH session that dropped): the same checkpoint, then exit
-INTERRUPTED_EXIT_CODE, the user's stop that nothing restarts. After one of them, another stop signal at least
-`abort_after_s` later stops at once (KeyboardInterrupt), losing the steps since the last checkpoint: a second
-Ctrl-C of a direct run, or the SIGTERM torchrun sends its workers on a second Ctrl-C (torchrun starts each worker
-in a session of its own, so the terminal's Ctrl-C reaches torchrun, which forwards it). One sooner is the same
-request (a key pressed twice). Console lines written after the terminal closed are dropped
-(trainer.metrics.write_console).
+SIGINT (Ctrl-C) and SIGHUP (the terminal closed: an SSH session that dropped; not under nohup, whose ignored SIGHUP
+stays ignored): the same checkpoint, then exit INTERRUPTED_EXIT_CODE, the user's stop that nothing restarts. After
+a Ctrl-C, another stop signal at least `abort_after_s` later stops at once (KeyboardInterrupt), losing the steps
+since the last checkpoint: a second Ctrl-C of a direct run, or the SIGTERM torchrun sends its workers on a second
+Ctrl-C (torchrun starts each worker in a session of its own, so the terminal's Ctrl-C reaches torchrun, which
+forwards it). One sooner is the same request (a key pressed twice). Console lines written after the terminal
+closed are dropped (trainer.metrics.write_console).
 """
 from __future__ import annotations
 
@@ -55,11 +55,21 @@ class PreemptionWatch:
 
     def install(self) -> "PreemptionWatch":
         for sig in self.SIGNALS:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # nohup: the run is meant to outlive its terminal
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. under a test runner thread)
                 pass
         return self
+
+    def end_of_run(self) -> None:
+        """After the training loop: uninstall(), unless a stop was decided (should_stop() was True). The process is
+        ending then, and torchrun sends SIGTERM to a node's other workers as soon as one has exited, which under the
+        default action would turn their clean exit (the decided code) into a death by signal that torchrun reports
+        as a crash. The watch keeps recording such signals (a second Ctrl-C after the pause still aborts)."""
+        if self.decision == NONE:
+            self.uninstall()
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -73,12 +83,11 @@ class PreemptionWatch:
             if now - self._interrupted_at >= self.abort_after_s:
                 raise KeyboardInterrupt
             return
-        if signum not in self.USER_SIGNALS:
-            self.requested = PREEMPTED  # a Ctrl-C before it returned above
+        self.requested = max(self.requested, INTERRUPTED if signum in self.USER_SIGNALS else PREEMPTED)
+        if signum != signal.SIGINT:  # a hang-up starts no abort pause: nobody is at the keyboard to press twice
             return
-        self._interrupted_at, self.requested = now, INTERRUPTED
-        if self.announce and signum == signal.SIGINT:  # (after a SIGHUP nobody reads the terminal)
-            # os.write: a print here could re-enter a print the signal interrupted
+        self._interrupted_at = now
+        if self.announce:  # os.write: a print here could re-enter a print the signal interrupted
             with contextlib.suppress(OSError):  # e.g. stderr piped into a `tee` the same Ctrl-C ended
                 os.write(2, CTRL_C_NOTICE.format(self.abort_after_s).encode())
 

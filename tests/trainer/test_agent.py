@@ -96,7 +96,11 @@ def _failure(exitcode: int):
 
 def test_interrupted_needs_every_failed_worker_to_have_stopped_for_a_ctrl_c():
     assert agent.interrupted({0: _failure(130), 1: _failure(130)})
+    # torchrun SIGTERMs (then SIGKILLs) a node's other workers once one has exited: still the Ctrl-C's end
+    assert agent.interrupted({0: _failure(-15), 1: _failure(130)})
+    assert agent.interrupted({0: _failure(-9), 1: _failure(130)})
     assert not agent.interrupted({0: _failure(130), 1: _failure(1)})  # another worker crashed: a restart helps
+    assert not agent.interrupted({0: _failure(-15)})  # killed, and no worker stopped for a Ctrl-C
     assert not agent.interrupted({0: _failure(143)})  # preemption: launchers restart or requeue
     assert not agent.interrupted({})
 
@@ -115,6 +119,34 @@ def test_monitor_ends_the_restarts_only_after_a_ctrl_c(monkeypatch, codes, resta
     assert me._remaining_restarts == restarts_left
 
 
+def test_a_lost_store_reads_as_no_node_waiting_for_the_grace_only(monkeypatch):
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+    answers, now = [2, "lost", "lost", 3, "lost", "lost"], [100.0]
+
+    def original(self):
+        answer = answers.pop(0)
+        if answer == "lost":
+            raise RendezvousConnectionError("The connection to the C10d store has failed")
+        return answer
+
+    monkeypatch.setattr(rdzv.DynamicRendezvousHandler, "num_nodes_waiting", original)  # undone after the test
+    monkeypatch.setattr(agent.time, "monotonic", lambda: now[0])
+    agent.tolerate_a_lost_store(grace_s=15)
+    handler = SimpleNamespace()
+    poll = rdzv.DynamicRendezvousHandler.num_nodes_waiting
+    assert poll(handler) == 2
+    assert poll(handler) == 0  # the store is gone: none waiting, for now
+    now[0] += 10
+    assert poll(handler) == 0
+    assert poll(handler) == 3  # it answers again: the clock restarts
+    assert poll(handler) == 0
+    now[0] += 16
+    with pytest.raises(RendezvousConnectionError):  # gone for longer than the grace: as torchrun did
+        poll(handler)
+
+
 def test_agent_ends_with_130_after_a_ctrl_c_and_128_plus_a_signal(monkeypatch, capsys):
     import signal
     import socket
@@ -125,6 +157,7 @@ def test_agent_ends_with_130_after_a_ctrl_c_and_128_plus_a_signal(monkeypatch, c
 
     monkeypatch.setattr(agent, "bound_rejoin", lambda s: None)
     monkeypatch.setattr(agent, "no_restart_after_ctrl_c", lambda: None)
+    monkeypatch.setattr(agent, "tolerate_a_lost_store", lambda: None)
     host = socket.gethostname()
 
     def raises(err):
@@ -153,18 +186,21 @@ def test_agent_ends_with_130_after_a_ctrl_c_and_128_plus_a_signal(monkeypatch, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exit_code, runs, agent_code", [(130, 1, 130), (3, 3, 1)])
-def test_torchrun_restarts_a_crash_but_not_a_ctrl_c(tmp_path, exit_code, runs, agent_code):
-    """The launchers' agent, for real: a worker that exits 130 (a Ctrl-C) runs once and the agent ends with 130; one
-    that crashes is restarted --max-restarts times, as before."""
+@pytest.mark.parametrize("exit_code, workers, runs, agent_code", [(130, 1, 1, 130), (130, 2, 2, 130), (3, 1, 3, 1)],
+                         ids=["ctrl-c", "ctrl-c, 2 workers ending apart", "crash"])
+def test_torchrun_restarts_a_crash_but_not_a_ctrl_c(tmp_path, exit_code, workers, runs, agent_code):
+    """The launchers' agent, for real: workers that exit 130 (a Ctrl-C) run once and the agent ends with 130, also
+    when one ends 2 s after the other (torchrun SIGTERMs the later one: -15); a crash is restarted --max-restarts
+    times, as before."""
     import subprocess
     import sys
 
     log = tmp_path / "runs.txt"
     worker = tmp_path / "worker.py"
-    worker.write_text(f"import sys\nopen({str(log)!r}, 'a').write('run\\n')\nsys.exit({exit_code})\n")
+    worker.write_text(f"import os, sys, time\nopen({str(log)!r}, 'a').write('run\\n')\n"
+                      f"time.sleep(2 * int(os.environ['LOCAL_RANK']))\nsys.exit({exit_code})\n")
     proc = subprocess.run([sys.executable, "-m", "trainer.distributed", "--rejoin-timeout=5", "--standalone",
-                           "--nproc_per_node=1", "--max-restarts=2", "--monitor-interval=0.1", str(worker)],
+                           f"--nproc_per_node={workers}", "--max-restarts=2", "--monitor-interval=0.1", str(worker)],
                           cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
     assert proc.returncode == agent_code, proc.stderr[-3000:]
     assert log.read_text().count("run") == runs

@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -125,9 +126,11 @@ def test_a_stop_signal_checkpoints_within_grace_and_resumes(tmp_path, uninterrup
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
 
 
-def _in_a_terminal(argv: list[str]) -> tuple[subprocess.Popen, int]:
-    """argv as a shell would run it in a terminal that then closes: the session leader of a new session whose
-    controlling terminal is a pseudo-terminal; its output is drained (and dropped) until the test closes the master."""
+@contextlib.contextmanager
+def _in_a_terminal(argv: list[str]):
+    """argv as a shell would run it in a terminal: the session leader of a new session whose controlling terminal is
+    a pseudo-terminal, its output drained (and dropped). Yields (process, hang_up); hang_up() closes the terminal
+    (the master side), as a dropped SSH connection does. Whatever the process started is killed at the end."""
     master, slave = os.openpty()
 
     def take_the_terminal():  # after setsid (start_new_session): the slave becomes the controlling terminal
@@ -136,14 +139,38 @@ def _in_a_terminal(argv: list[str]) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(argv, cwd=REPO, env=ENV, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
                             preexec_fn=take_the_terminal)
     os.close(slave)
+    done = threading.Event()
 
-    def drain():
-        with contextlib.suppress(OSError):
-            while os.read(master, 65536):
-                pass
+    def drain():  # polls, so that no read holds the master open when the test closes it
+        while not done.is_set():
+            if select.select([master], [], [], 0.05)[0]:
+                with contextlib.suppress(OSError):
+                    os.read(master, 65536)
 
-    threading.Thread(target=drain, daemon=True).start()
-    return proc, master
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    closed = []
+
+    def hang_up():
+        done.set()
+        reader.join()
+        os.close(master)
+        closed.append(True)
+
+    try:
+        yield proc, hang_up
+    finally:
+        if not closed:
+            hang_up()
+        tree = [proc.pid]
+        for pid in tree:  # torchrun's workers run in sessions of their own: find them through their parents
+            tree += [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
 
 def test_a_closed_terminal_checkpoints_and_resumes(tmp_path, uninterrupted):
@@ -151,21 +178,19 @@ def test_a_closed_terminal_checkpoints_and_resumes(tmp_path, uninterrupted):
     which forwarded it, and the workers died at once: the steps since the last checkpoint were lost (and a print to
     the closed terminal, EIO, would have ended them as surely). Now a hang-up is the user's stop, as a Ctrl-C: the
     workers finish their step, rank 0 checkpoints, both exit 130, and the rerun ends where an uninterrupted run does."""
-    proc, master = _in_a_terminal(torchrun("--standalone", "--nproc_per_node=2", *RUN, f"output_dir={tmp_path}"))
     metrics = tmp_path / "metrics.jsonl"
 
     def logged_steps() -> list[int]:
         return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
 
-    try:  # close it in the step after the first epoch's checkpoint: a run that dies keeps that one only
+    with _in_a_terminal(torchrun("--standalone", "--nproc_per_node=2", *RUN, f"output_dir={tmp_path}")) as (proc,
+                                                                                                        hang_up):
+        # hang up in the step after the first epoch's checkpoint: a run that dies keeps that one only
         wait_for(lambda: checkpoint.list_checkpoints(tmp_path), 240, proc)
         first = torch.load(checkpoint.list_checkpoints(tmp_path)[0], weights_only=True)["step"]
         wait_for(lambda: first + 1 in logged_steps(), 120, proc)
-        os.close(master)  # the terminal goes away: SIGHUP to its session's leader (torchrun), EIO on every write
+        hang_up()  # SIGHUP to the session's leader (torchrun), EIO on every write to the terminal
         proc.wait(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
     step = torch.load(checkpoint.list_checkpoints(tmp_path)[-1], weights_only=True)["step"]
     assert first < step < uninterrupted["step"], (first, step)
     assert max(logged_steps()) == step  # a checkpoint of the last step it took

@@ -57,6 +57,20 @@ def test_step_meter_sums_an_interval_and_keeps_the_first_non_finite_step():
     assert meter.first_bad_step.item() == 4 and meter.sums[1:].tolist() == [4.0, 2.0]
 
 
+def test_a_closed_console_stream_is_skipped(monkeypatch, capsys):
+    import io
+
+    from trainer.metrics import write_console
+
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stdout", closed)
+    write_console("a line for nobody")  # ValueError inside print: dropped
+    monkeypatch.undo()
+    write_console("the next one")
+    assert capsys.readouterr().out == "the next one\n"
+
+
 def test_a_console_that_went_away_does_not_end_the_process(tmp_path):
     """A print to a terminal that hung up (EIO) or into a pipe whose reader ended (EPIPE: `... | tee log` after the tee
     was stopped) raised OSError and ended the run; now the line is dropped, the descriptor goes to /dev/null, and the

@@ -107,6 +107,40 @@ def test_a_preemption_then_ctrl_c_is_the_users_stop(clock):
         assert watch.should_stop() and watch.exit_code == INTERRUPTED_EXIT_CODE
 
 
+def test_a_hang_up_is_the_users_stop_with_no_abort_pause(clock, capfd):
+    """Nobody is at the keyboard after a hang-up: a later SIGTERM (logind ending the session, torchrun's shutdown) is
+    the same request, not the abort a second Ctrl-C is; and no Ctrl-C notice for a terminal that is gone."""
+    with installed(announce=True, abort_after_s=2.0) as watch:
+        _send_to_self(signal.SIGHUP, watch._handle)
+        clock[0] += 10
+        _send_to_self(signal.SIGTERM, watch._handle)
+        assert watch.should_stop() and watch.exit_code == INTERRUPTED_EXIT_CODE
+        assert capfd.readouterr().err == ""
+
+
+def test_an_ignored_hang_up_stays_ignored():
+    """nohup: the run is meant to outlive its terminal."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with installed() as watch:
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not watch.should_stop()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_the_handlers_stay_after_a_stop_and_go_after_a_run_without_one():
+    for stop in (False, True):
+        with installed() as watch:
+            if stop:
+                _send_to_self(signal.SIGTERM, watch._handle)
+            assert watch.should_stop() == stop
+            watch.end_of_run()
+            assert (signal.getsignal(signal.SIGTERM) == watch._handle) == stop
+
+
 def test_only_the_announcing_rank_prints_the_notice(capfd):
     with installed() as watch:
         _send_to_self(signal.SIGINT, watch._handle)
