@@ -1,7 +1,7 @@
 """The torchrun the launchers run (`python -m trainer.distributed --rejoin-timeout=S TORCHRUN_ARGS...`): torchrun
 whose rendezvous, after a failure, waits a bounded time for the nodes of the round that ended and names a lost one;
-that does not restart workers a Ctrl-C stopped, nor fails while they exit after the store's node ended; and that
-ends on a stop signal with one line, not a traceback."""
+that does not restart workers a Ctrl-C stopped, nor fails while they exit after the store's node ended; that keeps
+nohup's ignored SIGHUP; and that ends on a stop signal with one line, not a traceback."""
 from __future__ import annotations
 
 import datetime
@@ -116,11 +116,37 @@ def tolerate_a_lost_store(grace_s: float = 15.0) -> None:
     rdzv.DynamicRendezvousHandler.num_nodes_waiting = num_nodes_waiting
 
 
+def respect_nohup(argv: list[str]) -> list[str]:
+    """torchrun's arguments, without SIGHUP among the signals it handles when this process ignores SIGHUP (nohup).
+
+    torchrun installs its own handler for each signal of --signals-to-handle (default SIGTERM,SIGINT,SIGHUP,SIGQUIT),
+    so `nohup bash launch/single_node.sh ... &` ended its workers anyway when the terminal closed. Left ignored, the
+    disposition reaches the workers (exec keeps ignored signals), whose stop-signal watch then leaves it alone too.
+    Only torchrun's options, before `-m` or the training script, are read."""
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        return argv
+    out, i, found = [], 0, False
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m" or arg.endswith(".py"):  # the training program and its own arguments: as they are
+            out += argv[i:]
+            break
+        name, eq, value = arg.partition("=")
+        if name in ("--signals-to-handle", "--signals_to_handle"):
+            if not eq and i + 1 < len(argv):
+                i, value = i + 1, argv[i + 1]
+            arg = "--signals-to-handle=" + ",".join(s for s in value.split(",") if s.strip() != "SIGHUP")
+            found = True
+        out.append(arg)
+        i += 1
+    return out if found else ["--signals-to-handle=SIGTERM,SIGINT,SIGQUIT", *out]
+
+
 def run_agent(argv: list[str]) -> int:
     """`python -m trainer.distributed [--rejoin-timeout S] TORCHRUN_ARGS...`: torchrun with bound_rejoin(S),
-    no_restart_after_ctrl_c() and tolerate_a_lost_store(). Exit code: torchrun's; 130 when the workers stopped for a
-    Ctrl-C (on any node); 128 + the signal's number when a stop signal reached this torchrun (it forwarded it to its
-    workers first)."""
+    no_restart_after_ctrl_c(), tolerate_a_lost_store() and respect_nohup(). Exit code: torchrun's; 130 when the
+    workers stopped for a Ctrl-C (on any node); 128 + the signal's number when a stop signal reached this torchrun
+    (it forwarded it to its workers first)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
@@ -136,7 +162,7 @@ def run_agent(argv: list[str]) -> int:
     tolerate_a_lost_store()
     host = socket.gethostname()
     try:
-        torchrun_main(argv)
+        torchrun_main(respect_nohup(argv))
     except ChildFailedError as err:
         if not interrupted(err.failures):
             raise

@@ -205,3 +205,52 @@ def test_torchrun_restarts_a_crash_but_not_a_ctrl_c(tmp_path, exit_code, workers
     assert proc.returncode == agent_code, proc.stderr[-3000:]
     assert log.read_text().count("run") == runs
     assert ("interrupted (Ctrl-C or a closed terminal)" in proc.stderr) == (exit_code == 130)
+
+
+# --- nohup -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--standalone", "-m", "trainer.main", "x=SIGHUP"],
+     ["--signals-to-handle=SIGTERM,SIGINT,SIGQUIT,SIGUSR1", "--standalone", "-m", "trainer.main", "x=SIGHUP"]),
+    (["--signals_to_handle", "SIGHUP,SIGTERM", "--nnodes=2", "train.py", "--signals-to-handle=SIGHUP"],
+     ["--signals-to-handle=SIGTERM", "--nnodes=2", "train.py", "--signals-to-handle=SIGHUP"]),
+    (["--standalone", "-m", "trainer.main"],  # torchrun's default list, SIGHUP left out
+     ["--signals-to-handle=SIGTERM,SIGINT,SIGQUIT", "--standalone", "-m", "trainer.main"]),
+])
+def test_under_nohup_torchrun_leaves_sighup_alone(monkeypatch, argv, expected):
+    import signal
+
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN if sig == signal.SIGHUP else signal.SIG_DFL)
+    assert agent.respect_nohup(argv) == expected
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_DFL)
+    assert agent.respect_nohup(argv) == argv  # a terminal's run: torchrun handles SIGHUP as asked
+
+
+@pytest.mark.slow
+def test_a_nohup_job_outlives_a_hang_up(tmp_path):
+    """Bug: torchrun installs a SIGHUP handler whatever nohup set, so `nohup bash launch/single_node.sh ... &` ended
+    its workers when the terminal closed. Now the ignored SIGHUP reaches the workers and a hang-up changes nothing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    report, started = tmp_path / "report.txt", tmp_path / "started"
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"import pathlib, signal, time\npathlib.Path({str(started)!r}).touch()\ntime.sleep(3)\n"
+                      f"pathlib.Path({str(report)!r}).write_text(str(signal.getsignal(signal.SIGHUP)))\n")
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.distributed", "--standalone", "--nproc_per_node=1",
+                             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", str(worker)],
+                            cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # what nohup does
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)  # the closing terminal's
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert report.read_text() == str(signal.SIG_IGN)  # the worker ran to its end, SIGHUP still ignored
