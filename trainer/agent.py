@@ -13,6 +13,16 @@ from trainer.metrics import write_console
 from trainer.preemption import INTERRUPTED_EXIT_CODE, PreemptionWatch
 
 
+def _wrap_method(owner: type, name: str, wrap) -> None:
+    """owner.name = wrap(original), where original is torchrun's own method even when it was wrapped before (a
+    second run_agent in one process wraps it once, not twice)."""
+    current = getattr(owner, name)
+    original = getattr(current, "unwrapped", current)
+    wrapped = wrap(original)
+    wrapped.unwrapped = original
+    setattr(owner, name, wrapped)
+
+
 def bound_rejoin(rejoin_timeout_s: float) -> None:
     """Makes torchrun's c10d rendezvous wait at most `rejoin_timeout_s` for the nodes of the round that ended.
 
@@ -23,11 +33,7 @@ def bound_rejoin(rejoin_timeout_s: float) -> None:
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
 
-    original = rdzv.DynamicRendezvousHandler.next_rendezvous
-    if getattr(original, "bounded_rejoin", None) is not None:
-        original = original.bounded_rejoin
-
-    def next_rendezvous(self):
+    def next_rendezvous(self, original):
         state = self._state_holder.state
         before = sorted(state.participants) if state.complete else []  # the nodes of the round that ended
         if not before:
@@ -48,8 +54,8 @@ def bound_rejoin(rejoin_timeout_s: float) -> None:
         finally:
             self._settings.timeout._join = first_join
 
-    next_rendezvous.bounded_rejoin = original
-    rdzv.DynamicRendezvousHandler.next_rendezvous = next_rendezvous
+    _wrap_method(rdzv.DynamicRendezvousHandler, "next_rendezvous",
+                 lambda original: lambda self: next_rendezvous(self, original))
 
 
 # How a worker that torchrun stopped itself ends: as soon as one worker of a node has exited, torchrun sends the
@@ -74,16 +80,14 @@ def no_restart_after_ctrl_c() -> None:
     from torch.distributed.elastic.agent.server.api import WorkerState
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
-    original = getattr(LocalElasticAgent._monitor_workers, "unpatched", LocalElasticAgent._monitor_workers)
-
-    def _monitor_workers(self, worker_group):
+    def monitor_workers(self, worker_group, original):
         result = original(self, worker_group)
         if result.state == WorkerState.FAILED and interrupted(result.failures):
             self._remaining_restarts = 0  # torchrun then stops the group and raises ChildFailedError
         return result
 
-    _monitor_workers.unpatched = original
-    LocalElasticAgent._monitor_workers = _monitor_workers
+    _wrap_method(LocalElasticAgent, "_monitor_workers",
+                 lambda original: lambda self, worker_group: monitor_workers(self, worker_group, original))
 
 
 def tolerate_a_lost_store(grace_s: float = 15.0) -> None:
@@ -97,11 +101,9 @@ def tolerate_a_lost_store(grace_s: float = 15.0) -> None:
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as rdzv
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
-    original = getattr(rdzv.DynamicRendezvousHandler.num_nodes_waiting, "unpatched",
-                       rdzv.DynamicRendezvousHandler.num_nodes_waiting)
     lost_since: dict[int, float] = {}  # handler id -> when its store stopped answering
 
-    def num_nodes_waiting(self) -> int:
+    def num_nodes_waiting(self, original) -> int:
         try:
             waiting = original(self)
         except RendezvousConnectionError:
@@ -112,8 +114,8 @@ def tolerate_a_lost_store(grace_s: float = 15.0) -> None:
         lost_since.pop(id(self), None)
         return waiting
 
-    num_nodes_waiting.unpatched = original
-    rdzv.DynamicRendezvousHandler.num_nodes_waiting = num_nodes_waiting
+    _wrap_method(rdzv.DynamicRendezvousHandler, "num_nodes_waiting",
+                 lambda original: lambda self: num_nodes_waiting(self, original))
 
 
 def respect_nohup(argv: list[str]) -> list[str]:
